@@ -1,0 +1,30 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/slimgraph optimize minilm
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -n 2 --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check slimgraph tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,36 @@
+"""slimgraph: make PyTorch models smaller and faster by rewriting their FX graphs.
+
+Three ways in:
+
+- ``slimgraph.optimize(model, "cleanup, fold_constants", example_inputs)``
+- ``torch.compile(model, backend="slimgraph")`` or ``backend=slimgraph.backend(passes=..., then="eager")``
+- ``slimgraph optimize MODEL`` on the command line
+"""
+
+from slimgraph.api import optimize
+from slimgraph.backend import backend
+from slimgraph.errors import (
+    CaptureError,
+    PassError,
+    PipelineError,
+    SlimgraphError,
+    VerificationError,
+)
+from slimgraph.ir import capture, verify
+from slimgraph.passes import (
+    DEFAULT_PIPELINE,
+    Pass,
+    PassContext,
+    PassResult,
+    Pipeline,
+    register_pass,
+)
+from slimgraph.report import OptimizeReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult",
+    "Pipeline", "PipelineError", "SlimgraphError", "VerificationError", "backend", "capture", "optimize",
+    "register_pass", "verify",
+]

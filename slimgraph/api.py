@@ -1,0 +1,84 @@
+"""``slimgraph.optimize``: capture a model, run a pipeline, return the optimized module."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from slimgraph.ir.analyses import AnalysisManager
+from slimgraph.ir.capture import capture
+from slimgraph.passes import DEFAULT_PIPELINE
+from slimgraph.passes.instruments import default_instruments
+from slimgraph.passes.manager import Pass, PassContext, Pipeline
+from slimgraph.passes.runner import Instrument, run_pipeline
+from slimgraph.report import OptimizeReport
+
+
+def optimize(
+    model: nn.Module,
+    passes: Pipeline | str | Sequence[Pass | str] = DEFAULT_PIPELINE,
+    example_inputs: tuple = (),
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    calibration: Iterable[tuple | Mapping[str, Any]] | None = None,
+    tolerance: float | None = None,
+    inplace: bool = False,
+    dynamic_shapes: Any = None,
+    instruments: Sequence[Instrument] | None = None,
+    strict: bool = False,
+) -> fx.GraphModule:
+    """Return an optimized copy of ``model``; ``result.report`` says what each pass did.
+
+    Example::
+
+        fast = slimgraph.optimize(model, "cleanup, fold_constants", (x,), tolerance=1e-4)
+        print(fast.report)
+
+    - ``calibration``: example inputs (args tuples or kwargs dicts) for passes that
+      read activations; available to passes as ``ctx.calibration``.
+    - ``tolerance``: largest relative L2 output error (``‖y − y_ref‖ / ‖y_ref‖`` on the
+      example inputs) a pass may introduce; a pass that exceeds it is rolled back.
+    - ``inplace=False`` (default) works on a deep copy, so ``model`` is left exactly as it
+      was and the result owns its weights; ``inplace=True`` skips the copy (saves
+      memory) and the result shares weight tensors with ``model``.
+    - ``strict=True`` lets an exception inside a pass propagate instead of rolling back.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() expects an nn.Module, got {type(model).__name__}")
+    pipeline = Pipeline.coerce(passes)
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    work = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        reference = work(*args, **kwargs)
+        start = time.perf_counter()
+        gm = capture(work, args, kwargs, dynamic_shapes)
+        capture_seconds = time.perf_counter() - start
+        ctx = PassContext(AnalysisManager(gm), args, kwargs, normalize_calibration(calibration),
+                          tolerance, reference)
+        chosen = default_instruments() if instruments is None else list(instruments)
+        records = run_pipeline(pipeline, gm, ctx, chosen, strict=strict)
+    gm.report = OptimizeReport(str(pipeline), records, capture_seconds,
+                               gm.meta.get("slimgraph_capture", {}).get("strategy", ""))
+    return gm
+
+
+def normalize_calibration(batches: Iterable[tuple | Mapping[str, Any]] | None) -> list[tuple[tuple, dict]]:
+    """``[(args, kwargs), ...]`` from an iterable of args tuples, kwargs dicts or single tensors."""
+    normalized = []
+    for index, batch in enumerate(batches or ()):
+        if isinstance(batch, Mapping):
+            normalized.append(((), dict(batch)))
+        elif isinstance(batch, tuple | list):
+            normalized.append((tuple(batch), {}))
+        elif isinstance(batch, torch.Tensor):
+            normalized.append(((batch,), {}))
+        else:
+            raise TypeError(f"calibration item {index} is a {type(batch).__name__}; "
+                            "give an args tuple, a kwargs dict or a tensor")
+    return normalized

@@ -1,0 +1,123 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="slimgraph")``.
+
+Dynamo hands us each captured graph (one per graph break) with parameters as
+placeholders. We *freeze* them: each parameter/buffer placeholder becomes a
+``get_attr`` bound to the real tensor, so passes see weights as constants, just
+as after ``optimize()``. Then the same pipeline runs and the result goes to
+Inductor or runs eagerly.
+
+Freezing means later changes to the model's weights are not seen by the
+compiled code: call ``torch._dynamo.reset()`` (or compile again) after
+mutating weights. The backend is for inference; it does not train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from slimgraph.ir.analyses import AnalysisManager
+from slimgraph.passes import DEFAULT_PIPELINE
+from slimgraph.passes.instruments import default_instruments
+from slimgraph.passes.manager import Pass, PassContext, Pipeline
+from slimgraph.passes.runner import Instrument, run_pipeline
+from slimgraph.report import OptimizeReport
+
+Then = Literal["inductor", "eager"]
+
+
+def backend(
+    passes: Pipeline | str | Sequence[Pass | str] = DEFAULT_PIPELINE,
+    *,
+    then: Then = "inductor",
+    tolerance: float | None = None,
+    instruments: Callable[[], Sequence[Instrument]] | None = None,
+) -> Callable:
+    """A Dynamo backend running ``passes`` on every graph, then handing off to ``then``.
+
+    Example::
+
+        compiled = torch.compile(model, backend=slimgraph.backend("cleanup", then="eager"))
+
+    The returned callable has ``.reports``: one ``OptimizeReport`` per compiled graph.
+    """
+    if then not in ("inductor", "eager"):
+        raise ValueError(f"then={then!r}: choose 'inductor' (compile with Inductor) or 'eager'")
+    pipeline = Pipeline.coerce(passes)
+    reports: list[OptimizeReport] = []
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        gm, kept = freeze_parameters(gm, example_inputs)
+        user_inputs = [example_inputs[i] for i in kept]
+        with torch.no_grad():
+            reference = gm(*user_inputs)
+            ctx = PassContext(AnalysisManager(gm), tuple(user_inputs), tolerance=tolerance,
+                              reference_outputs=reference)
+            chosen = default_instruments() if instruments is None else list(instruments())
+            records = run_pipeline(pipeline, gm, ctx, chosen)
+        reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo"))
+        compiled = _hand_off(gm, user_inputs, then)
+        boxed = getattr(compiled, "_boxed_call", False)
+
+        def run(*args: Any) -> Any:
+            selected = [args[i] for i in kept]
+            return compiled(selected) if boxed else compiled(*selected)
+
+        return run
+
+    compile_graph.reports = reports
+    return compile_graph
+
+
+def slimgraph_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable:
+    """The registered ``"slimgraph"`` backend: default pipeline, then Inductor.
+
+    ``torch.compile(model, backend="slimgraph", options={"then": "eager"})`` passes options through.
+    """
+    return backend(**options)(gm, example_inputs)
+
+
+def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+    """Turn parameter/buffer placeholders into ``get_attr`` constants bound to the real tensors.
+
+    Returns the graph module and the positions of the inputs that remain inputs.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        if not _is_model_state(node, value):
+            kept.append(index)
+            node.meta.setdefault("val", node.meta.get("example_value"))
+            continue
+        name = f"_frozen_{index}"
+        gm.register_buffer(name, value.detach()) if not isinstance(value, nn.Parameter) else \
+            gm.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.get_attr(name)
+        constant.meta.update(node.meta)
+        constant.meta["val"] = node.meta.get("example_value")
+        node.replace_all_uses_with(constant)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, kept
+
+
+def _is_model_state(node: fx.Node, value: Any) -> bool:
+    """Parameters, and buffers reached through a module's ``_buffers``."""
+    if isinstance(value, nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return isinstance(value, torch.Tensor) and source is not None and "._buffers[" in source.name
+
+
+def _hand_off(gm: fx.GraphModule, example_inputs: list[Any], then: Then) -> Callable:
+    if then == "eager":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)

@@ -1,0 +1,194 @@
+"""Symbolic cost model: FLOPs and bytes moved per node, as sympy expressions.
+
+Sizes come from the fake values of the shapes analysis. A static graph gives
+plain integers (sympy ``Integer``); a graph captured with ``dynamic_shapes``
+gives expressions in its size symbols, renamed to the user's ``Dim`` names, so
+``graph_cost(gm).flops.subs({batch: 2, seq: 128})`` is the concrete count.
+
+Conventions: a multiply-add is 2 FLOPs; elementwise ops cost one FLOP per
+output element; views, getitem and metadata ops cost nothing. Bytes are the
+bytes a kernel reads and writes (inputs plus outputs), zero for views.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from slimgraph.ir.nodes import get_attr_value, node_value
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    flops: sympy.Expr
+    bytes: sympy.Expr
+
+
+@dataclass
+class GraphCost:
+    """Per-node costs plus totals. ``evaluate(batch=2, seq=16)`` binds symbols by name."""
+
+    per_node: dict[fx.Node, NodeCost] = field(default_factory=dict)
+
+    @property
+    def flops(self) -> sympy.Expr:
+        return sympy.Add(*(c.flops for c in self.per_node.values()))
+
+    @property
+    def bytes(self) -> sympy.Expr:
+        return sympy.Add(*(c.bytes for c in self.per_node.values()))
+
+    def evaluate(self, **sizes: int) -> tuple[int, int]:
+        """``(flops, bytes)`` with each named size symbol bound to a number."""
+        bindings = {sympy.Symbol(name, integer=True, positive=True): v for name, v in sizes.items()}
+        flops, moved = self.flops.subs(bindings), self.bytes.subs(bindings)
+        if flops.free_symbols or moved.free_symbols:
+            unbound = sorted(str(s) for s in flops.free_symbols | moved.free_symbols)
+            raise ValueError(f"cost still depends on {unbound}; pass them as keyword arguments")
+        return int(flops), int(moved)
+
+
+def graph_cost(gm: fx.GraphModule) -> GraphCost:
+    """Cost of every node of ``gm``; needs ``meta["val"]`` from the shapes analysis."""
+    names = gm.meta.get("slimgraph_symbols", {})
+    cost = GraphCost()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            cost.per_node[node] = node_cost(node, names)
+    return cost
+
+
+def node_cost(node: fx.Node, symbol_names: dict[str, str] | None = None) -> NodeCost:
+    """FLOPs and bytes of one node (zero for views and metadata ops)."""
+    out = node_value(node)
+    inputs = [node_value(a) for a in node.all_input_nodes]
+    if _is_view(node, out):
+        return NodeCost(sympy.Integer(0), sympy.Integer(0))
+    names = symbol_names or {}
+    moved = sum((_nbytes(v, names) for v in [*inputs, out]), sympy.Integer(0))
+    flops_rule = _flops_rule(node)
+    args = [node_value(a) if isinstance(a, fx.Node) else a for a in node.args]
+    flops = flops_rule(node, out, args, names) if flops_rule else _numel(out, names)
+    return NodeCost(sympy.sympify(flops), moved)
+
+
+# ---- FLOP rules, keyed by every spelling of the op -------------------------------------------
+
+def _linear_flops(node, out, args, names):
+    weight = args[1] if len(args) > 1 else _module_weight(node)
+    return 2 * _numel(out, names) * _size(weight.shape[-1], names)
+
+
+def _addmm_flops(node, out, args, names):
+    return 2 * _numel(out, names) * _size(args[1].shape[-1], names)
+
+
+def _matmul_flops(node, out, args, names):
+    return 2 * _numel(out, names) * _size(args[0].shape[-1], names)
+
+
+def _conv_flops(node, out, args, names):
+    weight = args[1] if len(args) > 1 else _module_weight(node)
+    per_output = math.prod(int(s) for s in weight.shape[1:])  # in_channels/groups * kernel
+    return 2 * _numel(out, names) * per_output
+
+
+def _sdpa_flops(node, out, args, names):
+    query, key = args[0], args[1]
+    scores = _numel(query, names) / _size(query.shape[-1], names) * _size(key.shape[-2], names)
+    # QK^T and PV are one multiply-add per (score, head-dim) pair each; softmax ~5 ops per score.
+    return 2 * scores * _size(query.shape[-1], names) + 2 * scores * _size(out.shape[-1], names) + 5 * scores
+
+
+def _norm_flops(node, out, args, names):
+    return 5 * _numel(out, names)
+
+
+def _no_flops(node, out, args, names):
+    return 0
+
+
+_RULES: dict[Any, Callable] = {}
+for _rule, _targets in {
+    _linear_flops: [aten.linear.default, torch._C._nn.linear, F.linear, nn.Linear],
+    _addmm_flops: [aten.addmm.default, torch.addmm],
+    _matmul_flops: [aten.matmul.default, aten.mm.default, aten.bmm.default, torch.matmul, torch.mm,
+                    torch.bmm, "matmul", "bmm", "mm", "__matmul__", __import__("operator").matmul],
+    _conv_flops: [aten.conv1d.default, aten.conv2d.default, aten.convolution.default, torch.conv1d,
+                  torch.conv2d, F.conv1d, F.conv2d, nn.Conv1d, nn.Conv2d],
+    _sdpa_flops: [aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention,
+                  torch._C._nn.scaled_dot_product_attention],
+    _norm_flops: [aten.layer_norm.default, aten.rms_norm.default, F.layer_norm, F.rms_norm,
+                  nn.LayerNorm, nn.RMSNorm, aten.softmax.int, aten._softmax.default, "softmax"],
+    _no_flops: [aten.embedding.default, F.embedding, nn.Embedding, __import__("operator").getitem],
+}.items():
+    for _target in _targets:
+        _RULES[_target] = _rule
+
+
+def _flops_rule(node: fx.Node) -> Callable | None:
+    if node.op == "call_module":
+        module = get_attr_value(node.graph.owning_module, node.target)
+        return _RULES.get(type(module))
+    return _RULES.get(node.target)
+
+
+def _is_view(node: fx.Node, out: Any) -> bool:
+    target = node.target
+    if target in _VIEW_OPS:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return target.is_view or torch.Tag.pointwise not in target.tags and _is_metadata(out)
+    if node.op == "call_method":
+        return target in _VIEW_METHODS
+    return _is_metadata(out)
+
+
+_VIEW_OPS = {aten.reshape.default, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default,
+             aten.expand_as.default, torch.reshape, torch.flatten}
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+                 "flatten", "contiguous", "size", "dim", "t", "unflatten", "view_as", "expand_as"}
+
+
+def _is_metadata(value: Any) -> bool:
+    """Values that are not tensors (sizes, bools) cost nothing to produce."""
+    return not isinstance(value, torch.Tensor)
+
+
+def _module_weight(node: fx.Node) -> torch.Tensor:
+    return get_attr_value(node.graph.owning_module, f"{node.target}.weight")
+
+
+def _numel(value: Any, names: dict[str, str]) -> sympy.Expr:
+    if isinstance(value, torch.Tensor):
+        return sympy.Mul(*(_size(s, names) for s in value.shape))
+    if isinstance(value, list | tuple):
+        return sympy.Add(*(_numel(v, names) for v in value), sympy.Integer(0))
+    return sympy.Integer(0)
+
+
+def _nbytes(value: Any, names: dict[str, str]) -> sympy.Expr:
+    if isinstance(value, torch.Tensor):
+        return _numel(value, names) * value.element_size()
+    if isinstance(value, list | tuple):
+        return sympy.Add(*(_nbytes(v, names) for v in value), sympy.Integer(0))
+    return sympy.Integer(0)
+
+
+def _size(size: Any, names: dict[str, str]) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        renames = {s: sympy.Symbol(names.get(str(s), str(s)), integer=True, positive=True)
+                   for s in expr.free_symbols}
+        return expr.xreplace(renames)
+    return sympy.Integer(int(size))

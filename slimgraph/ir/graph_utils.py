@@ -1,0 +1,50 @@
+"""Graph housekeeping shared by passes: dead code and unused attributes."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> tuple[int, int]:
+    """Remove unused pure nodes, then attributes no node refers to.
+
+    Returns ``(nodes_removed, tensors_freed)``. Impure nodes (in-place ops,
+    export's ``_guards_fn`` input checks, asserts) stay.
+    """
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes), delete_unused_attributes(gm)
+
+
+def delete_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters, buffers, tensor attributes and submodules the graph no longer uses."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    freed = 0
+    for name in list(_tensor_attribute_names(gm)):
+        if not any(name == u or name.startswith(u + ".") for u in used):
+            owner_path, _, attribute = name.rpartition(".")
+            delattr(gm.get_submodule(owner_path) if owner_path else gm, attribute)
+            freed += 1
+    gm.delete_all_unused_submodules()
+    return freed
+
+
+def _tensor_attribute_names(gm: fx.GraphModule):
+    for prefix, module in gm.named_modules():
+        dotted = f"{prefix}." if prefix else ""
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                yield dotted + name
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                yield dotted + name
+
+
+def unique_attribute_name(gm: fx.GraphModule, stem: str) -> str:
+    """A fresh attribute name on ``gm`` starting with ``stem``."""
+    index = 0
+    while hasattr(gm, f"{stem}{index}"):
+        index += 1
+    return f"{stem}{index}"

@@ -1,0 +1,99 @@
+"""Small, uniform accessors for FX node metadata.
+
+Graphs reach us from ``torch.export``, Dynamo and ``symbolic_trace``; each writes
+``nn_module_stack`` with its own spelling of module paths. These helpers give
+one answer whatever the source.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
+_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+_CONTAINER_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\.")
+
+
+def normalize_module_path(raw: str) -> str:
+    """Turn any spelling of a module path into dotted form.
+
+    >>> normalize_module_path("L['self'].encoder.layer[0]._modules['attention']")
+    'encoder.layer.0.attention'
+    """
+    path = _DYNAMO_ROOT.sub("", raw)
+    path = _INDEX.sub(r".\1", path)
+    path = _CONTAINER_ATTR.sub(".", "." + path + ".").strip(".")
+    return path.replace("..", ".")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``[(module_path, module_type_name), ...]`` from outermost to innermost, root excluded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = []
+    for path, module_type in stack.values():
+        path = normalize_module_path(path)
+        if path:
+            entries.append((path, _type_name(module_type)))
+    if node.op == "call_module" and (not entries or entries[-1][0] != node.target):
+        entries.append((str(node.target), ""))
+    return entries
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module the node was traced in (``''`` for the root)."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
+def user_source_line(node: fx.Node) -> str:
+    """``file.py:42 `code``` for the user's line that created ``node``, or ``''``.
+
+    The stack trace lists frames outermost first; the last frame outside torch
+    itself is the line the user wrote.
+    """
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    user_frames = [f for f in frames if "/torch/" not in f[0]]
+    if not (user_frames or frames):
+        return ""
+    file, line, code = (user_frames or frames)[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line} `{code.strip()}`"
+
+
+def op_name(node: fx.Node) -> str:
+    """Short readable name of what the node runs: ``aten.linear.default``, ``F.linear``, ``.view``."""
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+            return str(target)
+        module = getattr(target, "__module__", None) or ""
+        return f"{module}.{getattr(target, '__name__', target)}".lstrip(".")
+    return f"{node.op} {node.target}"
+
+
+def node_value(node: fx.Node) -> Any:
+    """The (usually fake) example value recorded on ``node``, or ``None``."""
+    value = node.meta.get("val")
+    return node.meta.get("example_value") if value is None else value
+
+
+def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
+    """Resolve a dotted ``get_attr`` target on ``gm``."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _type_name(module_type: Any) -> str:
+    if isinstance(module_type, type):
+        return f"{module_type.__module__}.{module_type.__qualname__}"
+    return str(module_type)
