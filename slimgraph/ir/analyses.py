@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from slimgraph.ir.blocks import find_blocks
 from slimgraph.ir.cost import graph_cost
-from slimgraph.ir.nodes import op_name
+from slimgraph.ir.nodes import node_value, op_name
 from slimgraph.ir.shapes import propagate_shapes
 
 
@@ -69,6 +69,26 @@ class AnalysisManager:
         result = analysis.compute(self.gm)
         self._cache[name] = (self.version, result)
         return result
+
+    @classmethod
+    def for_captured(cls, gm: fx.GraphModule) -> AnalysisManager:
+        """A manager that starts from the shapes the capture recorded, when it recorded them all."""
+        manager = cls(gm)
+        manager.adopt_capture_shapes()
+        return manager
+
+    def adopt_capture_shapes(self) -> bool:
+        """Use the fake values ``torch.export``/Dynamo recorded on every node as the shapes result.
+
+        Saves a full propagation right after capture; returns False (nothing adopted)
+        when some node has no value.
+        """
+        nodes = [n for n in self.gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method")]
+        if not all("val" in n.meta or "example_value" in n.meta for n in nodes):
+            return False
+        values = {n: node_value(n) for n in self.gm.graph.nodes if n.op != "output"}
+        self._cache["shapes"] = (self.version, values)
+        return True
 
     def recompute(self, name: str) -> Any:
         """Drop the cached result of ``name`` and compute it again."""

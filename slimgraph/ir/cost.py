@@ -42,11 +42,11 @@ class GraphCost:
 
     @property
     def flops(self) -> sympy.Expr:
-        return sympy.Add(*(c.flops for c in self.per_node.values()))
+        return sympy.sympify(sum(c.flops for c in self.per_node.values()))
 
     @property
     def bytes(self) -> sympy.Expr:
-        return sympy.Add(*(c.bytes for c in self.per_node.values()))
+        return sympy.sympify(sum(c.bytes for c in self.per_node.values()))
 
     def evaluate(self, **sizes: int) -> tuple[int, int]:
         """``(flops, bytes)`` with each named size symbol bound to a number."""
@@ -75,11 +75,11 @@ def node_cost(node: fx.Node, symbol_names: dict[str, str] | None = None) -> Node
     if _is_view(node, out):
         return NodeCost(sympy.Integer(0), sympy.Integer(0))
     names = symbol_names or {}
-    moved = sum((_nbytes(v, names) for v in [*inputs, out]), sympy.Integer(0))
+    moved = sum(_nbytes(v, names) for v in [*inputs, out])
     flops_rule = _flops_rule(node)
     args = [node_value(a) if isinstance(a, fx.Node) else a for a in node.args]
     flops = flops_rule(node, out, args, names) if flops_rule else _numel(out, names)
-    return NodeCost(sympy.sympify(flops), moved)
+    return NodeCost(sympy.sympify(flops), sympy.sympify(moved))
 
 
 # ---- FLOP rules, keyed by every spelling of the op -------------------------------------------
@@ -105,7 +105,7 @@ def _conv_flops(node, out, args, names):
 
 def _sdpa_flops(node, out, args, names):
     query, key = args[0], args[1]
-    scores = _numel(query, names) / _size(query.shape[-1], names) * _size(key.shape[-2], names)
+    scores = math.prod((_size(s, names) for s in query.shape[:-1]), start=1) * _size(key.shape[-2], names)
     # QK^T and PV are one multiply-add per (score, head-dim) pair each; softmax ~5 ops per score.
     return 2 * scores * _size(query.shape[-1], names) + 2 * scores * _size(out.shape[-1], names) + 5 * scores
 
@@ -169,26 +169,27 @@ def _module_weight(node: fx.Node) -> torch.Tensor:
     return get_attr_value(node.graph.owning_module, f"{node.target}.weight")
 
 
-def _numel(value: Any, names: dict[str, str]) -> sympy.Expr:
+def _numel(value: Any, names: dict[str, str]) -> int | sympy.Expr:
     if isinstance(value, torch.Tensor):
-        return sympy.Mul(*(_size(s, names) for s in value.shape))
+        return math.prod((_size(s, names) for s in value.shape), start=1)
     if isinstance(value, list | tuple):
-        return sympy.Add(*(_numel(v, names) for v in value), sympy.Integer(0))
-    return sympy.Integer(0)
+        return sum(_numel(v, names) for v in value)
+    return 0
 
 
-def _nbytes(value: Any, names: dict[str, str]) -> sympy.Expr:
+def _nbytes(value: Any, names: dict[str, str]) -> int | sympy.Expr:
     if isinstance(value, torch.Tensor):
         return _numel(value, names) * value.element_size()
     if isinstance(value, list | tuple):
-        return sympy.Add(*(_nbytes(v, names) for v in value), sympy.Integer(0))
-    return sympy.Integer(0)
+        return sum(_nbytes(v, names) for v in value)
+    return 0
 
 
-def _size(size: Any, names: dict[str, str]) -> sympy.Expr:
+def _size(size: Any, names: dict[str, str]) -> int | sympy.Expr:
+    """Plain ints for static sizes (fast); sympy only where a size is symbolic."""
     if isinstance(size, torch.SymInt):
         expr = size.node.expr
         renames = {s: sympy.Symbol(names.get(str(s), str(s)), integer=True, positive=True)
                    for s in expr.free_symbols}
         return expr.xreplace(renames)
-    return sympy.Integer(int(size))
+    return int(size)

@@ -1,0 +1,122 @@
+"""The ``slimgraph`` command line.
+
+    slimgraph optimize [MODEL] [--passes TEXT] [--sentences N] [--tolerance X]
+
+MODEL is ``minilm`` (the bundled pretrained sentence encoder, the default) or
+``package.module:factory``, a function returning ``(model, example_inputs)``
+where example_inputs is an args tuple or a kwargs dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.passes import DEFAULT_PIPELINE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimgraph", description="Make PyTorch models smaller and faster.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("optimize", help="optimize a model and print what each pass did")
+    run.add_argument("model", nargs="?", default="minilm",
+                     help="'minilm' (bundled, default) or 'package.module:factory'")
+    run.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline text (default: '{DEFAULT_PIPELINE}')")
+    run.add_argument("--sentences", type=int, default=8, help="real sentences to run MiniLM on (default 8)")
+    run.add_argument("--tolerance", type=float, default=None,
+                     help="roll back any pass whose relative output error exceeds this")
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    try:
+        return optimize_command(args, console)
+    except (SlimgraphError, ValueError, ImportError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        return 2
+
+
+def optimize_command(args: argparse.Namespace, console: Console) -> int:
+    import slimgraph
+    from slimgraph.passes.manager import Pipeline
+
+    pipeline = Pipeline.coerce(args.passes)  # fail on a bad pipeline before loading anything
+    model, inputs, summarize = load_model_spec(args.model, args.sentences)
+    example_args, example_kwargs = (((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {}))
+    optimized = slimgraph.optimize(model, pipeline, example_args, example_kwargs=example_kwargs,
+                                   tolerance=args.tolerance)
+    console.print(optimized.report.table(title=f"slimgraph optimize {args.model}: {pipeline}"))
+    eager_ms, optimized_ms = _latency_ms([model, optimized], example_args, example_kwargs)
+    console.print(f"eager latency {eager_ms:.2f} ms → optimized {optimized_ms:.2f} ms "
+                  f"({eager_ms / optimized_ms:.2f}×; median of 20 interleaved runs, "
+                  f"{torch.get_num_threads()} threads)")
+    if summarize is not None:
+        console.print(summarize(model, optimized))
+    return 0
+
+
+def load_model_spec(spec: str, sentences: int = 8) -> tuple[nn.Module, Any, Callable | None]:
+    """``(model, example_inputs, summarize)`` for a MODEL argument; see the module docstring."""
+    if spec == "minilm":
+        return _minilm(sentences)
+    if ":" not in spec:
+        raise ValueError(f"model '{spec}' is neither 'minilm' nor 'package.module:factory' "
+                         "(e.g. 'mypkg.models:build' returning (model, example_inputs))")
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"model '{spec}': cannot import module '{module_name}' ({error})") from error
+    except AttributeError as error:
+        raise ValueError(f"model '{spec}': module '{module_name}' has no function '{factory_name}'") from error
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)
+            and isinstance(result[1], tuple | list | dict)):
+        raise ValueError(f"model '{spec}': the factory must return (nn.Module, example_inputs) with "
+                         f"example_inputs an args tuple or kwargs dict; got {type(result).__name__}")
+    return result[0].eval(), result[1], None
+
+
+def _minilm(count: int):
+    from slimgraph import models
+
+    model, tokenizer = models.minilm()
+    batch = dict(tokenizer(models.sentences(count), padding=True, return_tensors="pt"))
+
+    def summarize(original: nn.Module, optimized: nn.Module) -> str:
+        with torch.no_grad():
+            want = _mean_pool(original(**batch).last_hidden_state, batch["attention_mask"])
+            got = _mean_pool(optimized(**batch).last_hidden_state, batch["attention_mask"])
+        cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        return (f"sentence embeddings on {count} real sentences: cosine similarity to the original "
+                f"min {cosine.min().item():.6f}, mean {cosine.mean().item():.6f}")
+
+    return model, batch, summarize
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def _latency_ms(modules: list[nn.Module], args: tuple, kwargs: dict, runs: int = 20) -> list[float]:
+    """Median latency of each module, runs interleaved so machine noise hits all alike."""
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.no_grad():
+        for _ in range(runs + 1):
+            for module, samples in zip(modules, times, strict=True):
+                start = time.perf_counter()
+                module(*args, **kwargs)
+                samples.append(time.perf_counter() - start)
+    return [sorted(samples[1:])[runs // 2] * 1e3 for samples in times]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
