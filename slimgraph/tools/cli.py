@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -70,6 +71,8 @@ def load_model_spec(spec: str, sentences: int = 8) -> tuple[nn.Module, Any, Call
         raise ValueError(f"model '{spec}' is neither 'minilm' nor 'package.module:factory' "
                          "(e.g. 'mypkg.models:build' returning (model, example_inputs))")
     module_name, _, factory_name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules next to the user resolve
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except ModuleNotFoundError as error:
