@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ def optimize(
     - ``inplace=False`` (default) works on a deep copy, so ``model`` is left exactly as it
       was and the result owns its weights; ``inplace=True`` skips the copy (saves
       memory) and the result shares weight tensors with ``model``.
+    - The model is captured in eval mode: the result is for inference (dropout off,
+      batch norm reading its running statistics) whatever ``model.training`` was.
     - ``strict=True`` lets an exception inside a pass propagate instead of rolling back.
     """
     if not isinstance(model, nn.Module):
@@ -54,18 +57,33 @@ def optimize(
     pipeline = Pipeline.coerce(passes)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     work = model if inplace else copy.deepcopy(model)
-    with torch.no_grad():
+    # Eval mode: a training-mode reference (live dropout) is random, so no pass could match it.
+    with torch.no_grad(), _eval_mode(work):
         reference = work(*args, **kwargs)
         start = time.perf_counter()
         gm = capture(work, args, kwargs, dynamic_shapes)
         capture_seconds = time.perf_counter() - start
-        ctx = PassContext(AnalysisManager(gm), args, kwargs, normalize_calibration(calibration),
+        ctx = PassContext(AnalysisManager.for_captured(gm), args, kwargs, normalize_calibration(calibration),
                           tolerance, reference)
         chosen = default_instruments() if instruments is None else list(instruments)
+        start = time.perf_counter()
         records = run_pipeline(pipeline, gm, ctx, chosen, strict=strict)
+        pipeline_seconds = time.perf_counter() - start
     gm.report = OptimizeReport(str(pipeline), records, capture_seconds,
-                               gm.meta.get("slimgraph_capture", {}).get("strategy", ""))
+                               gm.meta.get("slimgraph_capture", {}).get("strategy", ""), pipeline_seconds)
     return gm
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def normalize_calibration(batches: Iterable[tuple | Mapping[str, Any]] | None) -> list[tuple[tuple, dict]]:

@@ -13,7 +13,8 @@ mutating weights. The backend is for inference; it does not train.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -53,19 +54,21 @@ def backend(
     def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         gm, kept = freeze_parameters(gm, example_inputs)
         user_inputs = [example_inputs[i] for i in kept]
+        # With dynamic shapes Dynamo passes sizes as SymInts; the graph runs on their example values.
+        runnable = tuple(v.node.hint if isinstance(v, torch.SymInt) else v for v in user_inputs)
         with torch.no_grad():
-            reference = gm(*user_inputs)
-            ctx = PassContext(AnalysisManager(gm), tuple(user_inputs), tolerance=tolerance,
+            reference = gm(*runnable)
+            ctx = PassContext(AnalysisManager.for_captured(gm), runnable, tolerance=tolerance,
                               reference_outputs=reference)
             chosen = default_instruments() if instruments is None else list(instruments())
             records = run_pipeline(pipeline, gm, ctx, chosen)
         reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo"))
         compiled = _hand_off(gm, user_inputs, then)
-        boxed = getattr(compiled, "_boxed_call", False)
 
+        # Both hand-offs take unpacked arguments, as Dynamo calls every backend's result.
+        # (compile_fx's result carries a copied `_boxed_call` flag that does not mean it is boxed.)
         def run(*args: Any) -> Any:
-            selected = [args[i] for i in kept]
-            return compiled(selected) if boxed else compiled(*selected)
+            return compiled(*[args[i] for i in kept])
 
         return run
 
@@ -73,19 +76,25 @@ def backend(
     return compile_graph
 
 
-def slimgraph_backend(gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable:
+def slimgraph_backend(
+    gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None
+) -> Callable:
     """The registered ``"slimgraph"`` backend: default pipeline, then Inductor.
 
-    ``torch.compile(model, backend="slimgraph", options={"then": "eager"})`` passes options through.
+    ``torch.compile(model, backend="slimgraph", options={"then": "eager"})`` passes the
+    options to ``backend()`` (torch.compile hands them over as one ``options`` dict).
     """
-    return backend(**options)(gm, example_inputs)
+    return backend(**(options or {}))(gm, example_inputs)
 
 
 def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
     """Turn parameter/buffer placeholders into ``get_attr`` constants bound to the real tensors.
 
-    Returns the graph module and the positions of the inputs that remain inputs.
+    Returns a new graph module and the positions of the inputs that remain inputs.
+    ``gm`` is left alone: Dynamo reads its placeholders after the backend returns
+    to decide which arguments to pass, so erasing them there would drop arguments.
     """
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept = []
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):

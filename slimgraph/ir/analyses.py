@@ -83,7 +83,9 @@ class AnalysisManager:
         Saves a full propagation right after capture; returns False (nothing adopted)
         when some node has no value.
         """
-        nodes = [n for n in self.gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method")]
+        # Module calls count when something reads them (export's ``_guards_fn`` returns nothing).
+        nodes = [n for n in self.gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method")
+                 or n.op == "call_module" and n.users]
         if not all("val" in n.meta or "example_value" in n.meta for n in nodes):
             return False
         values = {n: node_value(n) for n in self.gm.graph.nodes if n.op != "output"}
@@ -100,11 +102,15 @@ class AnalysisManager:
         return cached is not None and cached[0] == self.version
 
     def graph_changed(self, preserved: tuple[str, ...] = ()) -> None:
-        """Start a new graph version; results named in ``preserved`` carry over to it."""
+        """Start a new graph version; results named in ``preserved`` carry over to it.
+
+        Only results valid for the version being left carry over: a result already
+        stale (from an earlier change) stays stale.
+        """
+        carried = {name: self._cache[name][1] for name in preserved if self.is_cached(name)}
         self.version += 1
-        for name in preserved:
-            if name in self._cache:
-                self._cache[name] = (self.version, self._cache[name][1])
+        for name, result in carried.items():
+            self._cache[name] = (self.version, result)
 
     def rebind(self, gm: fx.GraphModule) -> None:
         """Point at a different GraphModule (after a rollback); everything is recomputed."""

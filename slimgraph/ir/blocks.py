@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from slimgraph.ir.nodes import module_stack
 
-_NUMBERED = re.compile(r"^(?P<container>.+)\.(?P<index>\d+)$")
+_NUMBERED = re.compile(r"^(?:(?P<container>.+)\.)?(?P<index>\d+)$")  # container "" = the root
 
 
 @dataclass
@@ -73,7 +73,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockStructure:
             if not match:
                 continue
             index = int(match["index"])
-            block = candidates[match["container"]].setdefault(index, Block(path, index, module_type))
+            block = candidates[match["container"] or ""].setdefault(index, Block(path, index, module_type))
             if not block.nodes or block.nodes[-1] is not node:
                 block.nodes.append(node)
     containers = {}

@@ -9,6 +9,8 @@ through (so their weights become ``get_attr`` too). When both fail,
 
 from __future__ import annotations
 
+import inspect
+import os
 import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+import slimgraph
 from slimgraph.errors import CaptureError
 
 
@@ -66,7 +69,13 @@ def _capture_with_export(model, args, kwargs, dynamic_shapes) -> fx.GraphModule:
 
 def _capture_with_symbolic_trace(model, args, kwargs, leaf_modules) -> fx.GraphModule:
     tracer = _InliningTracer(leaf_modules)
-    graph = tracer.trace(model)
+    defaults = _unsupplied_defaults(model, args, kwargs)
+    graph = tracer.trace(model, concrete_args=defaults)
+    parameters = inspect.signature(model.forward).parameters
+    for node in graph.find_nodes(op="placeholder"):
+        name = node.target.removesuffix("_1")  # fx renames specialised inputs; keep gm(mask=None) working
+        if name in defaults and node.target not in parameters:
+            node.target = name
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _record_placeholder_values(gm, args, kwargs)
     return gm
@@ -78,18 +87,40 @@ class _InliningTracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type[nn.Module], ...]):
         super().__init__()
         self.leaf_types = leaf_modules
+        self.record_stack_traces = True  # errors and reports name the user's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) if self.leaf_types else False
 
 
+def _unsupplied_defaults(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Optional ``forward`` parameters the caller did not pass, bound to their defaults.
+
+    Left as proxies, ``if mask is None:`` would see a proxy and trace the wrong branch.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in bound.signature.parameters.items()
+            if name not in bound.arguments and isinstance(p.default, _SCALAR_DEFAULTS)}
+
+
+_SCALAR_DEFAULTS = (type(None), bool, int, float, str)
+
+
 def _record_placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Give placeholders fake ``val`` metadata so shape propagation can start from them."""
+    """Give placeholders fake ``val`` metadata so shape propagation can start from them.
+
+    Shapes are static: only ``torch.export`` with ``dynamic_shapes`` makes sizes symbolic.
+    """
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
         value = args[index] if index < len(args) else kwargs.get(node.target, _default(node))
-        node.meta["val"] = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            value = mode.from_tensor(value, static_shapes=True)
+        node.meta["val"] = value
 
 
 def _default(placeholder: fx.Node) -> Any:
@@ -150,12 +181,20 @@ def _capture_error(model: nn.Module, export_error: Exception, trace_error: Excep
 
 def _user_frame(error: Exception) -> str:
     """``file.py:12 `code``` for the innermost traceback frame outside torch and slimgraph."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "/torch/" not in f.filename and "/slimgraph/" not in f.filename]
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not _is_library_file(f.filename)]
     if not frames:
         return ""
     frame = frames[-1]
     return f"{frame.filename}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(package.__file__)) + os.sep
+                      for package in (torch, slimgraph))
+
+
+def _is_library_file(filename: str) -> bool:
+    """Inside the torch or slimgraph packages (a user's checkout may itself be named ``slimgraph``)."""
+    return os.path.abspath(filename).startswith(_LIBRARY_DIRS)
 
 
 def _first_line(error: Exception) -> str:

@@ -13,6 +13,7 @@ bytes a kernel reads and writes (inputs plus outputs), zero for views.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,14 +124,14 @@ for _rule, _targets in {
     _linear_flops: [aten.linear.default, torch._C._nn.linear, F.linear, nn.Linear],
     _addmm_flops: [aten.addmm.default, torch.addmm],
     _matmul_flops: [aten.matmul.default, aten.mm.default, aten.bmm.default, torch.matmul, torch.mm,
-                    torch.bmm, "matmul", "bmm", "mm", "__matmul__", __import__("operator").matmul],
+                    torch.bmm, "matmul", "bmm", "mm", "__matmul__", operator.matmul],
     _conv_flops: [aten.conv1d.default, aten.conv2d.default, aten.convolution.default, torch.conv1d,
                   torch.conv2d, F.conv1d, F.conv2d, nn.Conv1d, nn.Conv2d],
     _sdpa_flops: [aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention,
                   torch._C._nn.scaled_dot_product_attention],
     _norm_flops: [aten.layer_norm.default, aten.rms_norm.default, F.layer_norm, F.rms_norm,
                   nn.LayerNorm, nn.RMSNorm, aten.softmax.int, aten._softmax.default, "softmax"],
-    _no_flops: [aten.embedding.default, F.embedding, nn.Embedding, __import__("operator").getitem],
+    _no_flops: [aten.embedding.default, F.embedding, nn.Embedding, operator.getitem],
 }.items():
     for _target in _targets:
         _RULES[_target] = _rule
@@ -147,6 +148,8 @@ def _is_view(node: fx.Node, out: Any) -> bool:
     target = node.target
     if target in _VIEW_OPS:
         return True
+    if target in (operator.getitem, getattr):  # one output of a multi-output op, or a slice
+        return not any(isinstance(node_value(i), torch.Tensor) for i in node.all_input_nodes[1:])
     if isinstance(target, torch._ops.OpOverload):
         return target.is_view or torch.Tag.pointwise not in target.tags and _is_metadata(out)
     if node.op == "call_method":
@@ -155,13 +158,20 @@ def _is_view(node: fx.Node, out: Any) -> bool:
 
 
 _VIEW_OPS = {aten.reshape.default, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default,
-             aten.expand_as.default, torch.reshape, torch.flatten}
+             aten.expand_as.default, torch.reshape, torch.flatten, torch.transpose, torch.permute,
+             torch.unsqueeze, torch.squeeze, torch.t, torch.split, torch.chunk, torch.narrow, torch.select}
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze",
-                 "flatten", "contiguous", "size", "dim", "t", "unflatten", "view_as", "expand_as"}
+                 "flatten", "contiguous", "size", "dim", "t", "unflatten", "view_as", "expand_as",
+                 "split", "chunk", "narrow", "select"}
 
 
 def _is_metadata(value: Any) -> bool:
-    """Values that are not tensors (sizes, bools) cost nothing to produce."""
+    """Values that hold no tensor (sizes, bools) cost nothing to produce.
+
+    A tuple of tensors (``max.dim``, ``topk``) is the output of real work, not metadata.
+    """
+    if isinstance(value, list | tuple):
+        return all(_is_metadata(v) for v in value)
     return not isinstance(value, torch.Tensor)
 
 

@@ -16,6 +16,8 @@ import torch.fx as fx
 _DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 _CONTAINER_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\.")
+# One traceback frame; the source line is absent for code without a file (exec, ``python -c``).
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in \S+(?:\n(?![ \t]*File ")[ \t]*(.*))?')
 
 
 def normalize_module_path(raw: str) -> str:
@@ -38,8 +40,13 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
         path = normalize_module_path(path)
         if path:
             entries.append((path, _type_name(module_type)))
-    if node.op == "call_module" and (not entries or entries[-1][0] != node.target):
-        entries.append((str(node.target), ""))
+    if node.op == "call_module":
+        # A module call sits inside its target's ancestors only: export's ``_guards_fn``
+        # call carries the stack of whichever node follows it.
+        target = str(node.target)
+        entries = [(p, t) for p, t in entries if target == p or target.startswith(p + ".")]
+        if not entries or entries[-1][0] != target:
+            entries.append((target, ""))
     return entries
 
 
@@ -56,12 +63,13 @@ def user_source_line(node: fx.Node) -> str:
     itself is the line the user wrote.
     """
     trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    frames = _FRAME.findall(trace)
     user_frames = [f for f in frames if "/torch/" not in f[0]]
     if not (user_frames or frames):
         return ""
     file, line, code = (user_frames or frames)[-1]
-    return f"{file.rsplit('/', 1)[-1]}:{line} `{code.strip()}`"
+    location = f"{file.rsplit('/', 1)[-1]}:{line}"
+    return f"{location} `{code.strip()}`" if code.strip() else location
 
 
 def op_name(node: fx.Node) -> str:

@@ -28,7 +28,8 @@ def propagate_shapes(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [node_value(p) for p in placeholders]
-    missing = [p.name for p, v in zip(placeholders, inputs, strict=True) if v is None]
+    # ``None`` is a real value (an optional input left out); only a missing entry is missing.
+    missing = [p.name for p in placeholders if "val" not in p.meta and "example_value" not in p.meta]
     if missing:
         raise VerificationError(
             f"cannot propagate shapes: placeholders {missing} have no example value; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,8 @@ def verify(
 def relative_error(outputs: Any, reference: Any) -> float:
     """Largest ``‖out − ref‖₂ / ‖ref‖₂`` over the floating-point tensors of two output trees.
 
-    Non-float tensors must match exactly (error ``inf`` otherwise); a structure
-    mismatch raises ``VerificationError``.
+    Non-float tensors must match exactly (error ``inf`` otherwise); NaN anywhere makes
+    the error NaN, which fails every tolerance; a structure mismatch raises ``VerificationError``.
     """
     got, got_spec = tree_flatten(outputs)
     want, want_spec = tree_flatten(reference)
@@ -80,5 +81,7 @@ def relative_error(outputs: Any, reference: Any) -> float:
             worst = max(worst, 0.0 if torch.equal(a, b) else float("inf"))
             continue
         a, b = a.detach().double(), b.detach().double()
-        worst = max(worst, (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item())
+        error = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
+        if math.isnan(error) or error > worst:  # max() would drop a NaN and let it pass
+            worst = error
     return worst

@@ -141,7 +141,7 @@ class LinearView(OpView):
         if _is_call(node, _LINEAR):
             weight, bias = _weight(_arg(node, 1, "weight")), _arg(node, 2, "bias")
             if weight is not None and (bias is None or _weight(bias) is not None):
-                return cls(node, node.args[0], weight, _weight(bias))
+                return cls(node, _arg(node, 0, "input"), weight, _weight(bias))
         if _is_call(node, _ADDMM) and not node.kwargs:  # GPT-2 Conv1D: addmm(bias, x2d, W[in, out])
             bias, weight = _weight(node.args[0]), _weight(node.args[2], transposed=True)
             if weight is not None and bias is not None:
@@ -182,7 +182,7 @@ class ConvView(OpView):
     bias_ref: Weight | None = None
     spatial_dims: int = 2
     stride: tuple[int, ...] = (1,)
-    padding: Any = (0,)
+    padding: tuple[int, ...] | str = (0,)  # or "same" / "valid"
     dilation: tuple[int, ...] = (1,)
     groups: int = 1
 
@@ -201,8 +201,9 @@ class ConvView(OpView):
             if node.target is aten.convolution.default and (node.args[6] or dims not in (1, 2)):
                 return None  # transposed convolution
             groups_index = 8 if node.target is aten.convolution.default else 6
-            return cls(node, node.args[0], weight, _weight(bias), dims, _arg(node, 3, "stride", 1),
-                       _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1),
+            stride, padding, dilation = (_per_dim(_arg(node, i, name, default), dims) for i, name, default
+                                         in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
+            return cls(node, node.args[0], weight, _weight(bias), dims, stride, padding, dilation,
                        _arg(node, groups_index, "groups", 1))
         return None
 
@@ -213,6 +214,14 @@ class ConvView(OpView):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.bias_ref.tensor if self.bias_ref else None
+
+
+def _per_dim(value: Any, dims: int) -> tuple[int, ...] | str:
+    """One spelling for every graph: ``1``, ``[1]`` and ``[1, 1]`` all become ``(1, 1)`` in 2-D."""
+    if isinstance(value, str):
+        return value
+    values = tuple(value) if isinstance(value, list | tuple) else (value,)
+    return values * dims if len(values) == 1 else values
 
 
 # ---- normalisation -------------------------------------------------------------------------------
@@ -237,7 +246,7 @@ class NormView(OpView):
         module = _called_module(node)
         if isinstance(module, nn.LayerNorm | nn.RMSNorm):
             kind = "layer_norm" if isinstance(module, nn.LayerNorm) else "rms_norm"
-            eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+            eps = _norm_eps(module.eps, node.args[0])
             return cls(node, kind, node.args[0], _module_weight(node, "weight"),
                        _module_weight(node, "bias") if kind == "layer_norm" else None, eps, [node])
         if _is_call(node, _LAYER_NORM):
@@ -245,7 +254,7 @@ class NormView(OpView):
                        _weight(_arg(node, 3, "bias")), _arg(node, 4, "eps", 1e-5), [node])
         if _is_call(node, _RMS_NORM):
             return cls(node, "rms_norm", node.args[0], _weight(_arg(node, 2, "weight")), None,
-                       _arg(node, 3, "eps"), [node])
+                       _norm_eps(_arg(node, 3, "eps"), node.args[0]), [node])
         return _match_decomposed_rms_norm(cls, node)
 
     @property
@@ -257,9 +266,18 @@ class NormView(OpView):
         return self.bias_ref.tensor if self.bias_ref else None
 
 
+def _norm_eps(eps: float | None, input: Any) -> float:
+    """``eps=None`` means ``finfo(dtype).eps`` of the input (float32 when its dtype is unknown)."""
+    if eps is not None:
+        return float(eps)
+    value = node_value(input) if isinstance(input, fx.Node) else None
+    return torch.finfo(value.dtype if isinstance(value, torch.Tensor) else torch.float32).eps
+
+
 _MUL = {aten.mul.Tensor, torch.mul, operator.mul}
 _ADD = {aten.add.Tensor, aten.add.Scalar, torch.add, operator.add}
 _CAST = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_CAST_METHODS = {"to", "type", "type_as"}  # GPT-2 casts attention probabilities with .type(dtype)
 
 
 def _match_decomposed_rms_norm(cls: type[NormView], node: fx.Node) -> NormView | None:
@@ -270,7 +288,7 @@ def _match_decomposed_rms_norm(cls: type[NormView], node: fx.Node) -> NormView |
     normed = next((a for a in node.args if isinstance(a, fx.Node) and a is not weight_arg), None)
     if weight_arg is None or normed is None:
         return None
-    cast = normed if _is_call(normed, _CAST, {"to", "type_as"}) else None
+    cast = normed if _is_call(normed, _CAST, _CAST_METHODS) else None
     scaled = cast.args[0] if cast else normed
     if not _is_call(scaled, _MUL, {"mul", "__mul__"}):
         return None
@@ -278,7 +296,7 @@ def _match_decomposed_rms_norm(cls: type[NormView], node: fx.Node) -> NormView |
     if rsqrt is None or not _is_call(rsqrt.args[0], _ADD, {"add", "__add__"}):
         return None
     mean, eps = rsqrt.args[0].args
-    if not _is_call(mean, {aten.mean.dim, torch.mean}, {"mean"}):
+    if not _is_call(mean, {aten.mean.dim, torch.mean}, {"mean"}) or not _is_last_dim_mean(mean):
         return None
     square = mean.args[0]
     if not _is_call(square, {aten.pow.Tensor_Scalar, torch.pow}, {"pow"}) or square.args[1] != 2:
@@ -288,6 +306,15 @@ def _match_decomposed_rms_norm(cls: type[NormView], node: fx.Node) -> NormView |
         return None
     nodes = [square, mean, rsqrt.args[0], rsqrt, scaled, *([cast] if cast else []), node]
     return cls(node, "rms_norm", x, _weight(weight_arg), None, float(eps), nodes)
+
+
+def _is_last_dim_mean(mean: fx.Node) -> bool:
+    """``mean(..., dim=-1, keepdim=True)``: a mean over any other dim is not an RMSNorm."""
+    dims = _arg(mean, 1, "dim")
+    dims = list(dims) if isinstance(dims, list | tuple) else [dims]
+    value = node_value(mean.args[0])
+    last = {-1, value.dim() - 1} if isinstance(value, torch.Tensor) else {-1}
+    return len(dims) == 1 and dims[0] in last and bool(_arg(mean, 2, "keepdim", False))
 
 
 # ---- embedding -----------------------------------------------------------------------------------
@@ -331,9 +358,10 @@ _DROPOUT = {aten.dropout.default, F.dropout, torch.dropout}
 class AttentionView(OpView):
     """Scaled dot-product attention, as one sdpa op or as ``matmul → softmax → matmul``.
 
-    ``query``/``key``/``value`` are ``[..., heads, seq, head_dim]`` nodes. For the
+    ``query``/``key``/``value`` are ``[..., heads, seq, head_dim]`` nodes. ``scale``
+    multiplies the scores; ``None`` means sdpa's default 1/sqrt(head_dim). For the
     subgraph form, ``nodes`` lists every node of the pattern (anchor last) and
-    ``scale`` is the literal multiplier on the scores (``None`` = 1/sqrt(head_dim)).
+    ``scale`` is the literal multiplier found, 1.0 when the scores are not scaled.
     """
 
     kind: str = "sdpa"
@@ -364,10 +392,10 @@ def _match_attention_subgraph(cls: type[AttentionView], node: fx.Node) -> Attent
         return None
     probs, value = node.args[0], node.args[1]
     nodes = [node]
-    if _is_call(probs, _DROPOUT, {"dropout"}) or _is_call(probs, _CAST, {"to", "type_as"}):
+    if _is_call(probs, _DROPOUT, {"dropout"}) or _is_call(probs, _CAST, _CAST_METHODS):
         nodes.append(probs)
         probs = probs.args[0]
-    if _is_call(probs, _CAST, {"to", "type_as"}):
+    if _is_call(probs, _CAST, _CAST_METHODS):
         nodes.append(probs)
         probs = probs.args[0]
     if not _is_call(probs, _SOFTMAX, {"softmax"}) or _arg(probs, 1, "dim") not in (-1, 3):
@@ -391,6 +419,7 @@ def _match_attention_subgraph(cls: type[AttentionView], node: fx.Node) -> Attent
     if not _is_call(key_t, _TRANSPOSE, {"transpose"}) or sorted(key_t.args[1:]) not in ([-2, -1], [2, 3]):
         return None
     nodes += [scores, key_t]
+    scale = 1.0 if scale is None else scale  # unscaled scores: sdpa's default would rescale them
     return cls(node, "matmul_softmax", query, key_t.args[0], value, mask, scale, False, nodes[::-1])
 
 

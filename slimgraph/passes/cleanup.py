@@ -65,9 +65,11 @@ class Cleanup(Pass):
         ctx.analysis("shapes")
         copies_are_safe = not any(_mutates(n) for n in gm.graph.nodes)
         counts = {"dropout": 0, "identity": 0, "no-op view": 0, "assert": 0}
+        kept_active = 0
         for node in list(gm.graph.nodes):
             kind = self._classify(node, copies_are_safe)
-            if kind is None:
+            kept_active += kind == "active dropout"
+            if kind is None or kind == "active dropout":
                 continue
             counts[kind] += 1
             if kind != "assert":
@@ -78,14 +80,16 @@ class Cleanup(Pass):
         notes = [f"removed {n} {kind}" for kind, n in counts.items() if n]
         notes += [f"dead code: {dead_nodes} nodes"] if dead_nodes else []
         notes += [f"freed {freed} unused tensors"] if freed else []
-        return PassResult(matched=removed, rewritten=removed + dead_nodes + freed, notes=notes,
-                          stats=dict(counts, dead_nodes=dead_nodes, freed_tensors=freed))
+        notes += [f"kept {kept_active} dropout called with training=True"] if kept_active else []
+        return PassResult(matched=removed + kept_active, rewritten=removed + dead_nodes + freed, notes=notes,
+                          stats=dict(counts, dead_nodes=dead_nodes, freed_tensors=freed,
+                                     kept_active_dropout=kept_active))
 
     def _classify(self, node: fx.Node, copies_are_safe: bool) -> str | None:
         if self.remove_asserts and node.op == "call_function" and node.target in ASSERT_OPS:
             return "assert"
         if self.remove_dropout and _is_dropout(node):
-            return "dropout"
+            return "active dropout" if _dropout_is_active(node) else "dropout"
         if node.op == "call_module" and isinstance(get_attr_value(node.graph.owning_module, node.target),
                                                    nn.Identity):
             return "identity"
@@ -97,10 +101,17 @@ class Cleanup(Pass):
 def _is_dropout(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in DROPOUT_OPS
-    if node.op == "call_method":
-        return node.target == "dropout"
     return node.op == "call_module" and isinstance(
         get_attr_value(node.graph.owning_module, node.target), DROPOUT_MODULES)
+
+
+def _dropout_is_active(node: fx.Node) -> bool:
+    """True when the dropout runs in training mode (e.g. Monte-Carlo dropout written as
+    ``F.dropout(x, training=True)``): removing it would change what the model computes."""
+    if node.op == "call_module":
+        return get_attr_value(node.graph.owning_module, node.target).training
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", node.kwargs.get("train", True))
+    return train is not False
 
 
 def _is_noop_view(node: fx.Node, copies_are_safe: bool) -> bool:
@@ -131,6 +142,11 @@ def _mutates(node: fx.Node) -> bool:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
-    if node.op == "call_method":
-        return target.endswith("_") and not target.startswith("_")
+    if node.op == "call_module":
+        return getattr(get_attr_value(node.graph.owning_module, target), "inplace", False) is True
+    if node.kwargs.get("inplace") is True:  # Dynamo records nn.ReLU(inplace=True) as F.relu(x, inplace=True)
+        return True
+    name = target if node.op == "call_method" else getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):  # x.add_(y), torch.relu_(x)
+        return True
     return target in (operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.setitem)

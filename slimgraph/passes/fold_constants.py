@@ -27,7 +27,7 @@ from slimgraph.passes.cleanup import _mutates
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
 
 _NONDETERMINISTIC_NAMES = re.compile(r"(^|_)(rand|randn|randint|randperm|bernoulli|multinomial|normal|"
-                                     r"uniform|dropout|empty|poisson|exponential|geometric)")
+                                     r"uniform|dropout|empty|poisson|exponential|geometric)(?![a-z])")
 
 
 @register_pass
@@ -100,7 +100,7 @@ class FoldConstants(Pass):
                            if not value.is_contiguous() or value._base is not None else value.detach())
         with gm.graph.inserting_before(node):
             constant = gm.graph.get_attr(name)
-        constant.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        constant.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
         constant.meta["slimgraph_replaces"] = node.name
         node.replace_all_uses_with(constant)
 

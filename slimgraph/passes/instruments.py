@@ -51,7 +51,7 @@ class Verification(Instrument):
                 record.output_error = self.last_error
                 return None
             if self.shapes:
-                ctx.analyses.recompute("shapes")
+                _check_shapes(p, gm, ctx)
             reference = ctx.reference_outputs if self.numeric else None
             result = verify(gm, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs,
                             reference=reference, tolerance=ctx.tolerance, check_shapes=False)
@@ -70,6 +70,26 @@ class Verification(Instrument):
 
     def before_pipeline(self, gm, ctx):
         self.last_error = 0.0 if ctx.reference_outputs is not None and self.numeric else None
+
+
+def _check_shapes(p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Re-propagate shapes, unless the pass promised to keep them: then every node must have one.
+
+    Full propagation is the expensive part of verification; a pass that declares
+    ``preserves=("shapes",)`` sets ``meta["val"]`` on the nodes it creates.
+    """
+    if "shapes" not in p.preserves:
+        ctx.analyses.recompute("shapes")
+        return
+    missing = [n.name for n in gm.graph.nodes
+               if n.op in ("call_function", "call_method") and node_value_missing(n)]
+    if missing:
+        raise VerificationError(f"pass '{p.name}' declares it preserves shapes but left nodes "
+                                f"without meta['val']: {missing[:5]}")
+
+
+def node_value_missing(node: fx.Node) -> bool:
+    return "val" not in node.meta and "example_value" not in node.meta  # Dynamo's spelling
 
 
 class Statistics(Instrument):

@@ -109,6 +109,10 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     unknown = [a for a in (*cls.requires, *cls.preserves) if a not in ANALYSES]
     if unknown:
         raise TypeError(f"{cls.__qualname__} names unknown analyses {unknown}; known: {sorted(ANALYSES)}")
+    existing = PASS_REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}; "
+                        "choose another name")
     PASS_REGISTRY[cls.name] = cls
     return cls
 
@@ -273,6 +277,8 @@ def _convert(value: Any, hint: Any, pass_name: str, option: str) -> Any:
     """Convert a parsed literal to the declared option type where the conversion is lossless."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        if value is None:  # `none` for `str | None` is None, not the string "None"
+            return value
         for member in args:
             converted = _convert(value, member, pass_name, option)
             if _conforms(converted, member):
@@ -330,8 +336,9 @@ def _format_value(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, str) and not re.fullmatch(r"[\w.+\-]+", value):
-        return repr(value)
+    if isinstance(value, str) and (not re.fullmatch(r"[\w.+\-]+", value) or _literal(value) != value):
+        quote = '"' if "'" in value else "'"  # quoted, so "none", "true" and "12" read back as strings;
+        return f"{quote}{value}{quote}"      # as-is, not repr(): the grammar has no escapes
     return str(value)
 
 

@@ -104,14 +104,18 @@ def _run_and_check(p, gm, ctx, record, instruments, snapshot, strict) -> str | N
 
 
 class _Snapshot:
-    """Graph copy + shallow copies of the module's attribute tables; no tensor data is copied."""
+    """Graph copy + shallow copies of every module's attribute tables; no tensor data is copied.
+
+    Every module, not only the root: passes delete parameters and submodules anywhere
+    in the tree (``eliminate_dead_code`` frees ``encoder.layer.0.weight``).
+    """
 
     def __init__(self, gm: fx.GraphModule):
         with warnings.catch_warnings():  # torch's pytree codegen warns about its own deprecated LeafSpec
             warnings.simplefilter("ignore", FutureWarning)
             self.graph = copy.deepcopy(gm.graph)
-        self.attributes = dict(gm.__dict__)
-        self.tables = {name: dict(gm.__dict__[name]) for name in ("_parameters", "_buffers", "_modules")}
+        self.modules = [(module, dict(vars(module)), {name: dict(vars(module)[name]) for name in _TABLES})
+                        for module in gm.modules()]
         self.versions = [(name, tensor, tensor._version) for name, tensor in _tensors(gm)]
 
     def check_no_tensor_written(self, p: Pass) -> None:
@@ -121,12 +125,16 @@ class _Snapshot:
                             "tensors (the originals may be the user's model weights)")
 
     def restore(self, gm: fx.GraphModule) -> None:
-        gm.__dict__.clear()
-        gm.__dict__.update(self.attributes)
-        for name, table in self.tables.items():
-            gm.__dict__[name].clear()
-            gm.__dict__[name].update(table)
+        for module, attributes, tables in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, table in tables.items():
+                module.__dict__[name].clear()
+                module.__dict__[name].update(table)
         gm.graph = self.graph
+
+
+_TABLES = ("_parameters", "_buffers", "_modules")
 
 
 def _tensors(gm: fx.GraphModule):
