@@ -23,12 +23,18 @@ def delete_unused_attributes(gm: fx.GraphModule) -> int:
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     freed = 0
     for name in list(_tensor_attribute_names(gm)):
-        if not any(name == u or name.startswith(u + ".") for u in used):
+        if not any(prefix in used for prefix in _dotted_prefixes(name)):
             owner_path, _, attribute = name.rpartition(".")
             delattr(gm.get_submodule(owner_path) if owner_path else gm, attribute)
             freed += 1
     gm.delete_all_unused_submodules()
     return freed
+
+
+def _dotted_prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` → ``["a", "a.b", "a.b.c"]``: a tensor is used when it or a module holding it is."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _tensor_attribute_names(gm: fx.GraphModule):
