@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toy_models import TransposedWeight
 
 import slimgraph
 from slimgraph import models
@@ -41,15 +42,6 @@ def fold(model, inputs, passes="fold_constants"):
     """Optimize with ``passes``; return the module and the record of the last pass."""
     gm = slimgraph.optimize(model, passes, inputs)
     return gm, gm.report.records[-1]
-
-
-class TransposedWeight(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(8, 16))
-
-    def forward(self, x):
-        return x @ self.w.t()
 
 
 def test_folds_transposed_weight_and_frees_the_original():

@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 from torch import nn
+from toy_models import TransposedWeight
 
 from slimgraph.errors import PassError
 from slimgraph.ir.analyses import AnalysisManager
@@ -263,15 +264,6 @@ def test_recorder_lists_added_and_removed_nodes(mlp):
     assert "aten.dropout" in cleanup.code_before and "aten.dropout" not in cleanup.code_after
     assert (fold.status, fold.added, fold.removed) == ("no change", [], [])
     assert fold.code_before == fold.code_after
-
-
-class TransposedWeight(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(8, 16))
-
-    def forward(self, x):
-        return x @ self.w.t()
 
 
 def test_recorder_lists_the_folded_buffer_as_added():
