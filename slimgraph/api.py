@@ -56,6 +56,7 @@ def optimize(
         raise TypeError(f"optimize() expects an nn.Module, got {type(model).__name__}")
     pipeline = Pipeline.coerce(passes)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    calibration_batches = normalize_calibration(calibration)  # bad data fails before the slow part
     work = model if inplace else copy.deepcopy(model)
     # Eval mode: a training-mode reference (live dropout) is random, so no pass could match it.
     with torch.no_grad(), _eval_mode(work):
@@ -63,7 +64,7 @@ def optimize(
         start = time.perf_counter()
         gm = capture(work, args, kwargs, dynamic_shapes)
         capture_seconds = time.perf_counter() - start
-        ctx = PassContext(AnalysisManager.for_captured(gm), args, kwargs, normalize_calibration(calibration),
+        ctx = PassContext(AnalysisManager.for_captured(gm), args, kwargs, calibration_batches,
                           tolerance, reference)
         chosen = default_instruments() if instruments is None else list(instruments)
         start = time.perf_counter()

@@ -372,18 +372,21 @@ class AttentionView(OpView):
     scale: float | None = None
     is_causal: bool = False
     nodes: list[fx.Node] = field(default_factory=list)
+    dropout_p: float = 0.0
+    enable_gqa: bool = False  # sdpa repeats key/value heads itself (grouped-query attention)
 
     @classmethod
     def match(cls, node: fx.Node) -> AttentionView | None:
         if _is_call(node, _SDPA):
             return cls(node, "sdpa", node.args[0], node.args[1], node.args[2], _arg(node, 3, "attn_mask"),
-                       node.kwargs.get("scale"), bool(_arg(node, 5, "is_causal", False)), [node])
+                       node.kwargs.get("scale"), bool(_arg(node, 5, "is_causal", False)), [node],
+                       float(_arg(node, 4, "dropout_p", 0.0)), bool(node.kwargs.get("enable_gqa", False)))
         return _match_attention_subgraph(cls, node)
 
     @property
     def num_heads(self) -> int | None:
         value = node_value(self.query)
-        return value.shape[-3] if value is not None and value.dim() >= 3 else None
+        return value.shape[-3] if value is not None and value.dim() >= 4 else None  # [..., heads, seq, dim]
 
 
 def _match_attention_subgraph(cls: type[AttentionView], node: fx.Node) -> AttentionView | None:
@@ -407,12 +410,14 @@ def _match_attention_subgraph(cls: type[AttentionView], node: fx.Node) -> Attent
             nodes.append(scores)
             scores, mask = scores.args[0], scores.args[1]
         elif _is_call(scores, _SCALE, {"mul", "div", "__mul__", "__truediv__"}) and scale is None:
-            factor = scores.args[1]
+            divides = scores.target in (aten.div.Tensor, torch.div, operator.truediv, "div", "__truediv__")
+            tensor, factor = scores.args[0], scores.args[1]
+            if not divides and isinstance(tensor, int | float):  # `0.125 * scores`
+                tensor, factor = factor, tensor
             if not isinstance(factor, int | float):
                 return None
             nodes.append(scores)
-            divides = scores.target in (aten.div.Tensor, torch.div, operator.truediv, "div", "__truediv__")
-            scores, scale = scores.args[0], 1.0 / factor if divides else float(factor)
+            scores, scale = tensor, 1.0 / factor if divides else float(factor)
     if not _is_call(scores, _MATMUL, {"matmul", "__matmul__", "bmm"}):
         return None
     query, key_t = scores.args[0], scores.args[1]

@@ -120,8 +120,8 @@ def _is_noop_view(node: fx.Node, copies_are_safe: bool) -> bool:
             return False
     elif node.op != "call_method" or node.target not in VALUE_PRESERVING_METHODS:
         return False
-    if node.target in COPY_OPS and not copies_are_safe:
-        return False
+    if node.target in COPY_OPS and (not copies_are_safe or any(u.op == "output" for u in node.users)):
+        return False  # a returned copy must not become an alias of an input or a weight
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node) or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
         return False

@@ -48,11 +48,15 @@ class FoldConstants(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         values = self._evaluate_constants(gm)
         frontier = [n for n in values if n.op != "get_attr" and any(u not in values for u in n.users)]
+        still_read = _storages_read_at_run_time(values)
+        buffers: list[tuple[torch.Tensor, str]] = []
         folded = 0
         for node in frontier:
             value = values[node]
             if isinstance(value, torch.Tensor):
-                self._replace_with_buffer(gm, node, value)
+                if _storage(value) in still_read:
+                    continue  # a view of a weight the graph keeps reading: a buffer would store it twice
+                self._replace_with_buffer(gm, node, value, buffers)
             elif isinstance(value, bool | int | float) and not isinstance(value, torch.SymInt):
                 for user in list(node.users):
                     user.args = fx.node.map_arg(user.args, lambda n, node=node, v=value: v if n is node else n)
@@ -62,10 +66,10 @@ class FoldConstants(Pass):
             folded += 1
         dead_nodes, freed = eliminate_dead_code(gm) if folded else (0, 0)
         computed = sum(1 for n in values if n.op != "get_attr")
-        notes = [f"folded {computed} constant nodes into {folded} buffers"] if folded else []
+        notes = [f"folded {computed} constant nodes into {len(buffers)} buffers"] if folded else []
         notes += [f"freed {freed} tensors only the folded nodes read"] if freed else []
         return PassResult(matched=computed, rewritten=folded + dead_nodes, notes=notes,
-                          stats={"constant_nodes": computed, "buffers": folded, "freed_tensors": freed})
+                          stats={"constant_nodes": computed, "buffers": len(buffers), "freed_tensors": freed})
 
     def _evaluate_constants(self, gm: fx.GraphModule) -> dict[fx.Node, Any]:
         """Values of every node computable without inputs, in graph order."""
@@ -94,15 +98,38 @@ class FoldConstants(Pass):
             return not expanded and value.numel() * value.element_size() <= self.max_bytes
         return True
 
-    def _replace_with_buffer(self, gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
-        name = unique_attribute_name(gm, "_folded_")
-        gm.register_buffer(name, value.detach().clone(memory_format=torch.contiguous_format)
-                           if not value.is_contiguous() or value._base is not None else value.detach())
+    def _replace_with_buffer(self, gm: fx.GraphModule, node: fx.Node, value: torch.Tensor,
+                             buffers: list[tuple[torch.Tensor, str]]) -> None:
+        """Point ``node``'s users at a buffer holding ``value``, reusing an equal buffer if one exists
+        (Llama's rotary ``cos``/``sin`` are computed once per layer but are the same tables)."""
+        name = next((name for tensor, name in buffers if _equal(tensor, value)), None)
+        if name is None:
+            name = unique_attribute_name(gm, "_folded_")
+            owned = value.detach()
+            if not owned.is_contiguous() or owned._base is not None:
+                owned = owned.clone(memory_format=torch.contiguous_format)
+            gm.register_buffer(name, owned)
+            buffers.append((owned, name))
         with gm.graph.inserting_before(node):
             constant = gm.graph.get_attr(name)
-        constant.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
+        constant.meta.update({k: v for k, v in node.meta.items()
+                              if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
         constant.meta["slimgraph_replaces"] = node.name
         node.replace_all_uses_with(constant)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _storages_read_at_run_time(values: dict[fx.Node, Any]) -> set[int]:
+    """Storages of constant tensors that some non-constant node reads directly (so they stay)."""
+    return {_storage(values[n]) for n in values
+            if n.op == "get_attr" and isinstance(values[n], torch.Tensor) and any(u not in values for u in n.users)}
 
 
 _UNFOLDABLE = object()

@@ -126,6 +126,11 @@ def make_pass(name: str, **options: Any) -> Pass:
     for option in options:
         if option not in valid:
             raise PipelineError(f"pass '{name}' has no option '{option}'. {_choices('options', option, valid)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in options
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise PipelineError(f"pass '{name}' needs option(s) {', '.join(missing)}, e.g. "
+                            f"'{name}({missing[0]}=...)'")
     return cls(**options)
 
 
@@ -206,7 +211,9 @@ class _Parser:
             while not self._accept(")"):
                 if options:
                     self._expect(",")
-                option, _ = self._expect_word("an option name")
+                option, option_position = self._expect_word("an option name")
+                if option in options:
+                    self._fail(option_position, f"option '{option}' is given twice")
                 self._expect("=")
                 options[option] = self._value()
         if name not in PASS_REGISTRY:

@@ -382,3 +382,28 @@ def test_linear_matches_keyword_input(spell):
         gm = spell(KeywordLinear(), spelling, torch.randn(2, 5))
         (view,) = find_all(gm, LinearView)
         assert view.input.op == "placeholder" and view.weight.shape == (3, 5)
+
+
+class LeftScaledAttention(nn.Module):
+    def forward(self, q, k, v):
+        scores = 0.125 * torch.matmul(q, k.transpose(-1, -2))
+        return torch.matmul(scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_attention_scale_written_on_the_left(spell, spelling):
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    view = only(find_all(spell(LeftScaledAttention(), spelling, q, k, v), AttentionView))
+    assert (view.kind, view.scale) == ("matmul_softmax", 0.125)
+    if spelling != "symbolic_trace":  # plain symbolic_trace records no shapes
+        assert view.num_heads == 4
+
+
+def test_sdpa_reports_dropout_and_grouped_query_flags():
+    class GroupedQuery(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, enable_gqa=True)
+
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    view = only(find_all(capture(GroupedQuery(), (q, k, k)), AttentionView))
+    assert (view.kind, view.dropout_p, view.enable_gqa, view.num_heads) == ("sdpa", 0.0, True, 4)

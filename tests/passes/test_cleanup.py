@@ -245,3 +245,15 @@ def test_input_model_training_flags_restored_with_inplace():
     model[0].eval()
     slimgraph.optimize(model, "cleanup", (torch.randn(2, 4),), inplace=True)
     assert model.training and not model[0].training and model[1].training
+
+
+def test_a_returned_copy_is_kept_so_the_output_never_aliases_the_input():
+    class ReturnsCopy(nn.Module):
+        def forward(self, x):
+            return x.clone(), torch.relu(x).clone()
+
+    x = torch.randn(3, 4)
+    gm = slimgraph.optimize(ReturnsCopy(), "cleanup", (x,), strict=True)
+    first, _ = gm(x)
+    first.add_(1.0)
+    assert not torch.equal(first, x)  # writing the output left the input alone

@@ -250,3 +250,21 @@ def test_register_pass_needs_a_name():
 def test_registered_pass_is_available_by_name(options_pass):
     assert PASS_REGISTRY["test_manager_options"] is OptionsPass
     assert make_pass("test_manager_options", ratio=2.0) == OptionsPass(ratio=2.0)
+
+
+def test_option_given_twice_is_an_error():
+    with pytest.raises(PipelineError, match="option 'max_bytes' is given twice") as error:
+        Pipeline.parse("fold_constants(max_bytes=1, max_bytes=2)")
+    assert error.value.args[0].splitlines()[-1].index("^") == len("  fold_constants(max_bytes=1, ")
+
+
+def test_missing_required_option_names_it(register):
+    @register
+    @dataclass(frozen=True)
+    class NeedsRank(Pass):
+        name: ClassVar[str] = "needs_rank_test"
+        rank: int
+
+    with pytest.raises(PipelineError, match=r"pass 'needs_rank_test' needs option\(s\) rank"):
+        Pipeline.parse("needs_rank_test")
+    assert Pipeline.parse("needs_rank_test(rank=4)").passes[0].rank == 4
