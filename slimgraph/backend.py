@@ -37,6 +37,7 @@ def backend(
     then: Then = "inductor",
     tolerance: float | None = None,
     instruments: Callable[[], Sequence[Instrument]] | None = None,
+    inductor_config: Mapping[str, Any] | None = None,
 ) -> Callable:
     """A Dynamo backend running ``passes`` on every graph, then handing off to ``then``.
 
@@ -44,10 +45,16 @@ def backend(
 
         compiled = torch.compile(model, backend=slimgraph.backend("cleanup", then="eager"))
 
+    ``inductor_config`` patches ``torch._inductor.config`` for the hand-off
+    (``{"max_autotune": True}``); it needs ``then="inductor"``.
+
     The returned callable has ``.reports``: one ``OptimizeReport`` per compiled graph.
     """
     if then not in ("inductor", "eager"):
         raise ValueError(f"then={then!r}: choose 'inductor' (compile with Inductor) or 'eager'")
+    if inductor_config and then != "inductor":
+        raise ValueError(f"inductor_config={dict(inductor_config)} has no effect with then={then!r}; "
+                         "use then='inductor' or drop it")
     pipeline = Pipeline.coerce(passes)
     reports: list[OptimizeReport] = []
 
@@ -63,7 +70,7 @@ def backend(
             chosen = default_instruments() if instruments is None else list(instruments())
             records = run_pipeline(pipeline, gm, ctx, chosen)
         reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo"))
-        compiled = _hand_off(gm, user_inputs, then)
+        compiled = _hand_off(gm, user_inputs, then, dict(inductor_config or {}))
 
         # Both hand-offs take unpacked arguments, as Dynamo calls every backend's result.
         # (compile_fx's result carries a copied `_boxed_call` flag that does not mean it is boxed.)
@@ -77,14 +84,26 @@ def backend(
 
 
 def slimgraph_backend(
-    gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | None = None
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Callable:
     """The registered ``"slimgraph"`` backend: default pipeline, then Inductor.
 
-    ``torch.compile(model, backend="slimgraph", options={"then": "eager"})`` passes the
-    options to ``backend()`` (torch.compile hands them over as one ``options`` dict).
+    ``torch.compile(model, backend="slimgraph", options={"then": "eager"})``: options named
+    like ``backend()``'s parameters go to it, any other option is an Inductor config
+    patch, and ``mode="max-autotune"`` (etc.) selects Inductor's options for that mode.
     """
-    return backend(**(options or {}))(gm, example_inputs)
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in ("passes", "then", "tolerance") if k in options}
+    inductor_config = {}
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        inductor_config.update(list_mode_options(mode))
+    inductor_config.update(options)
+    return backend(**ours, inductor_config=inductor_config or None)(gm, example_inputs)
 
 
 def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
@@ -124,9 +143,9 @@ def _is_model_state(node: fx.Node, value: Any) -> bool:
     return isinstance(value, torch.Tensor) and source is not None and "._buffers[" in source.name
 
 
-def _hand_off(gm: fx.GraphModule, example_inputs: list[Any], then: Then) -> Callable:
+def _hand_off(gm: fx.GraphModule, example_inputs: list[Any], then: Then, config: dict[str, Any]) -> Callable:
     if then == "eager":
         return gm
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=config)

@@ -214,3 +214,30 @@ def test_inductor_hand_off(mlp):
     torch.testing.assert_close(outputs, model(*inputs), **CLOSE)
     (report,) = be.reports
     assert report.records[0].status == "applied"
+
+
+def test_compile_mode_and_extra_options_become_inductor_config(monkeypatch, mlp):
+    """torch.compile(backend="slimgraph", mode=..., options=...) splits ours from Inductor's."""
+    backend_module = sys.modules["slimgraph.backend"]  # the attribute slimgraph.backend is the function
+
+    seen = {}
+
+    def fake_backend(**kwargs):
+        seen.update(kwargs)
+        return lambda gm, example_inputs: gm.forward
+
+    monkeypatch.setattr(backend_module, "backend", fake_backend)
+    model, inputs = mlp
+    torch.compile(model, backend="slimgraph", mode="max-autotune-no-cudagraphs")(*inputs)
+    assert seen["inductor_config"]["max_autotune"] is True
+    torch._dynamo.reset()  # torch.compile accepts mode or options, not both
+    seen.clear()
+    torch.compile(model, backend="slimgraph",
+                  options={"then": "inductor", "passes": "cleanup", "epilogue_fusion": False})(*inputs)
+    assert seen["then"] == "inductor" and seen["passes"] == "cleanup"
+    assert seen["inductor_config"] == {"epilogue_fusion": False}
+
+
+def test_inductor_config_needs_the_inductor_hand_off():
+    with pytest.raises(ValueError, match="has no effect with then='eager'"):
+        slimgraph.backend(then="eager", inductor_config={"max_autotune": True})

@@ -30,7 +30,7 @@ def test_optimize_signature():
 def test_backend_and_capture_signatures():
     assert _parameters(slimgraph.backend) == [
         ("passes", "POSITIONAL_OR_KEYWORD"), ("then", "KEYWORD_ONLY"), ("tolerance", "KEYWORD_ONLY"),
-        ("instruments", "KEYWORD_ONLY"),
+        ("instruments", "KEYWORD_ONLY"), ("inductor_config", "KEYWORD_ONLY"),
     ]
     assert _parameters(slimgraph.capture) == [
         ("model", "POSITIONAL_OR_KEYWORD"), ("example_inputs", "POSITIONAL_OR_KEYWORD"),
