@@ -25,12 +25,13 @@ from slimgraph.passes import (
     Pipeline,
     register_pass,
 )
+from slimgraph.passes.runner import PassRolledBackWarning
 from slimgraph.report import OptimizeReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult",
+    "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult", "PassRolledBackWarning",
     "Pipeline", "PipelineError", "SlimgraphError", "VerificationError", "backend", "capture", "optimize",
     "register_pass", "verify",
 ]

@@ -42,6 +42,10 @@ class PassRecord:
     output_error: float | None = None
 
 
+class PassRolledBackWarning(UserWarning):
+    """A pass failed or broke the graph and was undone; the report has the details."""
+
+
 class Instrument:
     """Hooks around every pass. ``check`` returns a problem (rolls the pass back) or ``None``."""
 
@@ -81,6 +85,8 @@ def run_pipeline(
             snapshot.restore(gm)
             ctx.analyses.graph_changed()
             record.status, record.reason = "rolled back", problem
+            warnings.warn(f"slimgraph: pass '{p}' was rolled back: {problem}", PassRolledBackWarning,
+                          stacklevel=2)
         else:
             record.status = "applied" if record.result.changed else "no change"
         for instrument in instruments:

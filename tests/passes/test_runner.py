@@ -26,7 +26,7 @@ from slimgraph.passes.instruments import (
     default_instruments,
 )
 from slimgraph.passes.manager import Pass, PassContext, PassResult, Pipeline
-from slimgraph.passes.runner import run_pipeline
+from slimgraph.passes.runner import PassRolledBackWarning, run_pipeline
 
 aten = torch.ops.aten
 
@@ -139,10 +139,12 @@ def test_pass_that_raises_is_rolled_back_with_its_reason(test_passes, mlp):
     with torch.no_grad():
         before = gm(*inputs)
         ctx = PassContext(AnalysisManager(gm), inputs, reference_outputs=before)
-        (record,) = run_pipeline(Pipeline.parse("test_runner_raises"), gm, ctx, default_instruments())
+        with pytest.warns(PassRolledBackWarning, match="pass 'test_runner_raises' was rolled back: RuntimeError: boom"):
+            (record,) = run_pipeline(Pipeline.parse("test_runner_raises"), gm, ctx, default_instruments())
         after = gm(*inputs)
     assert record.status == "rolled back"
     assert record.reason == "RuntimeError: boom"
+    assert record.seconds > 0
     assert gm.code == code
     assert gm.get_submodule("net.0").bias is bias
     assert not hasattr(gm, "scratch")
