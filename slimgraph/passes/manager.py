@@ -20,16 +20,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch.fx as fx
 
 from slimgraph.errors import PipelineError
 from slimgraph.ir.analyses import ANALYSES, AnalysisManager
+from slimgraph.passes.options import conforms, convert, describe_type, format_value, literal
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}
 
@@ -78,10 +78,10 @@ class Pass:
         hints = typing.get_type_hints(type(self))
         for option in dataclasses.fields(self):
             value = getattr(self, option.name)
-            if not _conforms(value, hints[option.name]):
+            if not conforms(value, hints[option.name]):
                 raise PipelineError(
                     f"pass '{self.name}': option {option.name}={value!r} must be "
-                    f"{_describe_type(hints[option.name])}"
+                    f"{describe_type(hints[option.name])}"
                 )
         self.validate()
 
@@ -99,7 +99,7 @@ class Pass:
                    if v != _default_of(type(self), k)}
         if not changed:
             return self.name
-        return f"{self.name}({', '.join(f'{k}={_format_value(v)}' for k, v in changed.items())})"
+        return f"{self.name}({', '.join(f'{k}={format_value(v)}' for k, v in changed.items())})"
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -219,7 +219,7 @@ class _Parser:
         if name not in PASS_REGISTRY:
             self._fail(position, f"unknown pass '{name}'. {_choices('passes', name, PASS_REGISTRY)}")
         hints = typing.get_type_hints(PASS_REGISTRY[name])
-        return make_pass(name, **{k: _convert(v, hints.get(k, Any), name, k) for k, v in options.items()})
+        return make_pass(name, **{k: convert(v, hints.get(k, Any)) for k, v in options.items()})
 
     def _value(self) -> Any:
         if self._accept("["):
@@ -234,7 +234,7 @@ class _Parser:
             return text[1:-1]
         if kind != "word":
             self._fail(position, f"expected a value, found '{text}'")
-        return _literal(text)
+        return literal(text)
 
     def _next(self, wanted: str) -> tuple[str, str, int]:
         if self.index >= len(self.tokens):
@@ -264,89 +264,11 @@ class _Parser:
         raise PipelineError(f"{message}\n  {self.text}\n  {' ' * position}^")
 
 
-def _literal(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return text
-
-
-# ---- option types --------------------------------------------------------------------------------
-
-def _convert(value: Any, hint: Any, pass_name: str, option: str) -> Any:
-    """Convert a parsed literal to the declared option type where the conversion is lossless."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:  # `none` for `str | None` is None, not the string "None"
-            return value
-        for member in args:
-            converted = _convert(value, member, pass_name, option)
-            if _conforms(converted, member):
-                return converted
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        return str(value)
-    if origin is tuple and isinstance(value, list):
-        member = args[0] if args else Any
-        return tuple(_convert(v, member, pass_name, option) for v in value)
-    return value
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return value in args
-    if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, member) for member in args)
-    if hint is type(None):
-        return value is None
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_conforms(v, args[0]) for v in value) if args else True
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
-
-
-def _describe_type(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in args)
-    if origin is tuple:
-        return f"a list of {_describe_type(args[0])}" if args else "a list"
-    return "None" if hint is type(None) else f"a {getattr(hint, '__name__', hint)}"
-
-
 def _default_of(cls: type[Pass], option: str) -> Any:
     spec = next(f for f in dataclasses.fields(cls) if f.name == option)
     if spec.default is not dataclasses.MISSING:
         return spec.default
     return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else dataclasses.MISSING
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, str) and (not re.fullmatch(r"[\w.+\-]+", value) or _literal(value) != value):
-        quote = '"' if "'" in value else "'"  # quoted, so "none", "true" and "12" read back as strings;
-        return f"{quote}{value}{quote}"      # as-is, not repr(): the grammar has no escapes
-    return str(value)
 
 
 def _choices(kind: str, wrong: str, valid: Sequence[str] | dict) -> str:
