@@ -127,6 +127,17 @@ def test_hugging_face_models(hf_model):
     assert [r.status for r in be.reports[0].records] == ["applied", "applied"], name
 
 
+@pytest.mark.slow
+def test_pretrained_minilm_on_real_sentences(minilm):
+    model, batch = minilm
+    outputs, be = compile_and_run(model, **batch)
+    with torch.no_grad():
+        expected = model(**batch)
+    torch.testing.assert_close(outputs.last_hidden_state, expected.last_hidden_state, **CLOSE)
+    assert_no_rollback(be)
+    assert sum(r.result.stats.get("dropout", 0) for report in be.reports for r in report.records) == 13
+
+
 def test_dynamic_shapes_compile_one_graph_for_every_size(mlp):
     # Dynamo hands sizes over as SymInt inputs; the reference run needs their example values.
     model, _ = mlp

@@ -70,15 +70,18 @@ def conforms(value: Any, hint: Any) -> bool:
 
 
 def describe_type(hint: Any) -> str:
-    """``hint`` in words for error messages: ``one of 'int4', 'nf4'``, ``a int or None``."""
+    """``hint`` in words for error messages: ``one of 'int4', 'nf4'``, ``an int or None``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(a) for a in args)
     if origin is tuple:
-        return f"a list of {describe_type(args[0])}" if args else "a list"
-    return "None" if hint is type(None) else f"a {getattr(hint, '__name__', hint)}"
+        return f"a list of {getattr(args[0], '__name__', None) or describe_type(args[0])}" if args else "a list"
+    if hint is type(None):
+        return "None"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def format_value(value: Any) -> str:

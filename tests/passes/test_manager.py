@@ -51,12 +51,12 @@ def options_pass(register):
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: Cleanup(remove_dropout=3), "pass 'cleanup': option remove_dropout=3 must be a bool"),
-    (lambda: FoldConstants(max_bytes="big"), "option max_bytes='big' must be a int"),
-    (lambda: FoldConstants(max_bytes=True), "option max_bytes=True must be a int"),
-    (lambda: FoldConstants(max_bytes=1.5), "option max_bytes=1.5 must be a int"),
+    (lambda: FoldConstants(max_bytes="big"), "option max_bytes='big' must be an int"),
+    (lambda: FoldConstants(max_bytes=True), "option max_bytes=True must be an int"),
+    (lambda: FoldConstants(max_bytes=1.5), "option max_bytes=1.5 must be an int"),
     (lambda: OptionsPass(mode="slow"), "option mode='slow' must be one of 'fast', 'exact'"),
-    (lambda: OptionsPass(sizes=[1, 2]), "option sizes=[1, 2] must be a list of a int"),
-    (lambda: OptionsPass(sizes=(1, "2")), "must be a list of a int"),
+    (lambda: OptionsPass(sizes=[1, 2]), "option sizes=[1, 2] must be a list of int"),
+    (lambda: OptionsPass(sizes=(1, "2")), "must be a list of int"),
     (lambda: OptionsPass(label=3), "option label=3 must be a str or None"),
     (lambda: OptionsPass(ratio="0.5"), "option ratio='0.5' must be a float"),
 ])
@@ -176,7 +176,7 @@ def test_unknown_option_names_it_the_choices_and_the_closest():
 
 
 def test_wrong_type_in_text_names_the_option():
-    with pytest.raises(PipelineError, match="option max_bytes='lots' must be a int"):
+    with pytest.raises(PipelineError, match="option max_bytes='lots' must be an int"):
         Pipeline.parse("fold_constants(max_bytes=lots)")
 
 
