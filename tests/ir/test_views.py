@@ -407,3 +407,13 @@ def test_sdpa_reports_dropout_and_grouped_query_flags():
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     view = only(find_all(capture(GroupedQuery(), (q, k, k)), AttentionView))
     assert (view.kind, view.dropout_p, view.enable_gqa, view.num_heads) == ("sdpa", 0.0, True, 4)
+
+
+def test_a_view_built_from_a_node_matches_it_or_says_why():
+    gm = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), (torch.randn(2, 4),))
+    linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    view = LinearView(linear)
+    assert view.weight.shape == (3, 4) and view.input.op == "placeholder" and view.module_path == "0"
+    relu = next(iter(linear.users))
+    with pytest.raises(ValueError, match=r"node 'relu' \(aten.relu.default\) in module '1' .* is not a LinearView"):
+        LinearView(relu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from slimgraph.errors import describe_node
 from slimgraph.ir.nodes import get_attr_value, module_path, user_source_line
 
 aten = torch.ops.aten
@@ -28,6 +30,22 @@ class OpView:
     """Common part of every view: the anchor node and how to replace it."""
 
     node: fx.Node
+
+    def __post_init__(self) -> None:
+        """``LinearView(node)`` matches ``node`` itself, and says why when it is not such an op.
+
+        ``match`` builds views with every field given; a view built from the node alone
+        (every other field at its default) runs ``match`` and takes its fields.
+        """
+        rest = dataclasses.fields(self)[1:]
+        if any(getattr(self, f.name) != _default(f) for f in rest):
+            return
+        matched = type(self).match(self.node)
+        if matched is None:
+            raise ValueError(f"{describe_node(self.node)} is not a {type(self).__name__}; use "
+                             f"{type(self).__name__}.match(node), which returns None for other ops")
+        for f in rest:
+            setattr(self, f.name, getattr(matched, f.name))
 
     @classmethod
     def match(cls: type[V], node: fx.Node) -> V | None:
@@ -60,6 +78,10 @@ class OpView:
         graph.erase_node(self.node)
         self.node = new
         return new
+
+
+def _default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 
 
 @dataclass(frozen=True)
