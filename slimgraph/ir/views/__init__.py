@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from slimgraph.ir.views.attention import AttentionView
-from slimgraph.ir.views.base import OpView, Weight, find_all
+from slimgraph.ir.views.base import OpView, Weight, WeightedView, find_all
 from slimgraph.ir.views.conv import ConvView
 from slimgraph.ir.views.embedding import EmbeddingView
 from slimgraph.ir.views.linear import LinearView
@@ -38,4 +38,4 @@ def iter_views(gm: fx.GraphModule) -> Iterator[OpView]:
 
 
 __all__ = ["ALL_VIEWS", "AttentionView", "ConvView", "EmbeddingView", "LinearView", "NormView", "OpView",
-           "Weight", "find_all", "iter_views"]
+           "Weight", "WeightedView", "find_all", "iter_views"]

@@ -80,6 +80,19 @@ class OpView:
         return new
 
 
+class WeightedView(OpView):
+    """A view whose op reads a constant weight (``weight_ref``) and maybe a bias (``bias_ref``)."""
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.weight_ref.tensor if self.weight_ref else None
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias_ref = getattr(self, "bias_ref", None)
+        return bias_ref.tensor if bias_ref else None
+
+
 def _default(spec: dataclasses.Field) -> Any:
     return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.ir.views.base import (
-    OpView,
     Weight,
+    WeightedView,
     arg,
     aten,
     called_module,
@@ -26,7 +26,7 @@ _CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, torch.conv1d: 1, torch.
 
 
 @dataclass
-class ConvView(OpView):
+class ConvView(WeightedView):
     """1-D or 2-D convolution with its weight, bias and hyper-parameters."""
 
     input: fx.Node = None
@@ -58,14 +58,6 @@ class ConvView(OpView):
             return cls(node, node.args[0], weight, weight_of(bias), dims, stride, padding, dilation,
                        arg(node, groups_index, "groups", 1))
         return None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_ref.tensor
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.bias_ref.tensor if self.bias_ref else None
 
 
 def _per_dim(value: Any, dims: int) -> tuple[int, ...] | str:

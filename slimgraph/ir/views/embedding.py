@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.ir.views.base import (
-    OpView,
     Weight,
+    WeightedView,
     arg,
     aten,
     called_module,
@@ -22,7 +22,7 @@ from slimgraph.ir.views.base import (
 
 
 @dataclass
-class EmbeddingView(OpView):
+class EmbeddingView(WeightedView):
     """Table lookup ``weight[indices]``."""
 
     indices: fx.Node = None
@@ -39,7 +39,3 @@ class EmbeddingView(OpView):
         if is_call(node, {F.embedding}) and weight_of(arg(node, 1, "weight")):
             return cls(node, node.args[0], weight_of(arg(node, 1, "weight")), arg(node, 2, "padding_idx"))
         return None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_ref.tensor

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.ir.views.base import (
-    OpView,
     Weight,
+    WeightedView,
     arg,
     aten,
     called_module,
@@ -25,7 +25,7 @@ ADDMM = {aten.addmm.default, torch.addmm}
 
 
 @dataclass
-class LinearView(OpView):
+class LinearView(WeightedView):
     """``y = x @ weight.T + bias`` with ``weight`` reported as ``[out_features, in_features]``."""
 
     input: fx.Node = None
@@ -45,14 +45,6 @@ class LinearView(OpView):
         if isinstance(called_module(node), nn.Linear):
             return cls(node, node.args[0], module_weight(node, "weight"), module_weight(node, "bias"))
         return None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_ref.tensor
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.bias_ref.tensor if self.bias_ref else None
 
     @property
     def in_features(self) -> int:

@@ -16,8 +16,8 @@ from slimgraph.ir.views.base import (
     CAST,
     CAST_METHODS,
     MUL,
-    OpView,
     Weight,
+    WeightedView,
     arg,
     aten,
     called_module,
@@ -31,7 +31,7 @@ _RMS_NORM = {aten.rms_norm.default, F.rms_norm, getattr(torch, "rms_norm", F.rms
 
 
 @dataclass
-class NormView(OpView):
+class NormView(WeightedView):
     """LayerNorm or RMSNorm, including the decomposed RMSNorm of Llama-style models."""
 
     kind: str = "layer_norm"
@@ -56,14 +56,6 @@ class NormView(OpView):
             return cls(node, "rms_norm", node.args[0], weight_of(arg(node, 2, "weight")), None,
                        _norm_eps(arg(node, 3, "eps"), node.args[0]), [node])
         return _match_decomposed_rms_norm(cls, node)
-
-    @property
-    def weight(self) -> torch.Tensor | None:
-        return self.weight_ref.tensor if self.weight_ref else None
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.bias_ref.tensor if self.bias_ref else None
 
 
 def _norm_eps(eps: float | None, input: Any) -> float:
