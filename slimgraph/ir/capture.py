@@ -62,6 +62,9 @@ def capture(
 def _capture_with_export(model, args, kwargs, dynamic_shapes) -> fx.GraphModule:
     program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = program.module()
+    if isinstance(getattr(gm, "_guards_fn", None), nn.Module):
+        first_input = next((n.target for n in gm.graph.nodes if n.op == "placeholder"), "x")
+        gm._guards_fn = _ExplainedGuards(gm._guards_fn, first_input)
     gm.meta["slimgraph_capture"] = {"strategy": "export"}
     gm.meta["slimgraph_symbols"] = _symbol_names(gm, dynamic_shapes)
     return gm
@@ -79,6 +82,27 @@ def _capture_with_symbolic_trace(model, args, kwargs, leaf_modules) -> fx.GraphM
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _record_placeholder_values(gm, args, kwargs)
     return gm
+
+
+class _ExplainedGuards(nn.Module):
+    """export's input guards, with a failure that says how to accept other sizes."""
+
+    _is_impure = True  # its checks are the point: dead-code elimination must keep the call
+
+    def __init__(self, guards: nn.Module, first_input: str):
+        super().__init__()
+        self.guards = guards
+        self.first_input = first_input
+
+    def forward(self, *args: Any) -> None:
+        try:
+            self.guards(*args)
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}: the graph was captured for the example inputs' sizes. To run other sizes, "
+                f"capture with dynamic_shapes, e.g. "
+                f"dynamic_shapes={{'{self.first_input}': {{0: torch.export.Dim('batch')}}}}"
+            ) from None
 
 
 class _InliningTracer(fx.Tracer):

@@ -260,3 +260,12 @@ def test_module_path_of_captured_linear(mlp):
     model, args = mlp
     gm = capture(model, args)
     assert [module_path(v.node) for v in find_all(gm, LinearView)] == ["net.0", "net.3"]
+
+
+def test_running_other_sizes_fails_with_a_hint_about_dynamic_shapes():
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    gm = capture(model, (torch.randn(2, 8),))
+    with pytest.raises(AssertionError, match=r"Guard failed: input.size\(\)\[0\] == 2: the graph was captured "
+                       r"for the example inputs' sizes.*dynamic_shapes=\{'input': \{0: torch.export.Dim\('batch'\)\}\}"):
+        gm(torch.randn(3, 8))
+    torch.testing.assert_close(gm(torch.ones(2, 8)), model(torch.ones(2, 8)), rtol=0, atol=0)
