@@ -28,6 +28,9 @@ from slimgraph.passes.instruments import (
 from slimgraph.passes.manager import Pass, PassContext, PassResult, Pipeline
 from slimgraph.passes.runner import PassRolledBackWarning, run_pipeline
 
+# These tests roll passes back on purpose; the warning itself is checked in one test below.
+pytestmark = pytest.mark.filterwarnings("ignore::slimgraph.PassRolledBackWarning")
+
 aten = torch.ops.aten
 
 
