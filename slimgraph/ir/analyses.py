@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from slimgraph.ir.blocks import find_blocks
 from slimgraph.ir.cost import graph_cost
-from slimgraph.ir.nodes import node_value, op_name
+from slimgraph.ir.nodes import has_value, node_value, op_name
 from slimgraph.ir.shapes import propagate_shapes
 
 
@@ -86,7 +86,7 @@ class AnalysisManager:
         # Module calls count when something reads them (export's ``_guards_fn`` returns nothing).
         nodes = [n for n in self.gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method")
                  or n.op == "call_module" and n.users]
-        if not all("val" in n.meta or "example_value" in n.meta for n in nodes):
+        if not all(has_value(n) for n in nodes):
             return False
         values = {n: node_value(n) for n in self.gm.graph.nodes if n.op != "output"}
         self._cache["shapes"] = (self.version, values)

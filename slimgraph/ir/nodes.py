@@ -87,6 +87,11 @@ def op_name(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
+def has_value(node: fx.Node) -> bool:
+    """Whether an example value was recorded (``val``, or Dynamo's ``example_value``); it may be None."""
+    return "val" in node.meta or "example_value" in node.meta
+
+
 def node_value(node: fx.Node) -> Any:
     """The (usually fake) example value recorded on ``node``, or ``None``."""
     value = node.meta.get("val")

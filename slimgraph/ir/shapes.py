@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import tree_map_only
 
 from slimgraph.errors import VerificationError, describe_node
-from slimgraph.ir.nodes import node_value
+from slimgraph.ir.nodes import has_value, node_value
 
 
 def propagate_shapes(gm: fx.GraphModule) -> dict[fx.Node, Any]:
@@ -29,7 +29,7 @@ def propagate_shapes(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [node_value(p) for p in placeholders]
     # ``None`` is a real value (an optional input left out); only a missing entry is missing.
-    missing = [p.name for p in placeholders if "val" not in p.meta and "example_value" not in p.meta]
+    missing = [p.name for p in placeholders if not has_value(p)]
     if missing:
         raise VerificationError(
             f"cannot propagate shapes: placeholders {missing} have no example value; "

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from slimgraph.errors import VerificationError
-from slimgraph.ir.nodes import get_attr_value
+from slimgraph.ir.nodes import get_attr_value, has_value
 from slimgraph.ir.verify import verify
 from slimgraph.passes.manager import Pass, PassContext
 from slimgraph.passes.runner import Instrument, PassRecord
@@ -54,9 +54,9 @@ class Verification(Instrument):
             if not record.result.changed:
                 record.output_error = self.last_error
                 return None
-            if self.shapes:
-                _check_shapes(p, gm, ctx)
             reference = ctx.reference_outputs if self.numeric else None
+            if self.shapes:
+                _check_shapes(p, gm, ctx, trust_preserved=reference is not None)
             result = verify(gm, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs,
                             reference=reference, tolerance=ctx.tolerance, check_shapes=False)
             record.output_error = result.output_error
@@ -76,24 +76,21 @@ class Verification(Instrument):
         self.last_error = 0.0 if ctx.reference_outputs is not None and self.numeric else None
 
 
-def _check_shapes(p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+def _check_shapes(p: Pass, gm: fx.GraphModule, ctx: PassContext, trust_preserved: bool) -> None:
     """Re-propagate shapes, unless the pass promised to keep them: then every node must have one.
 
-    Full propagation is the expensive part of verification; a pass that declares
-    ``preserves=("shapes",)`` sets ``meta["val"]`` on the nodes it creates.
+    Full propagation is the expensive part of verification. A pass that declares
+    ``preserves=("shapes",)`` sets ``meta["val"]`` on the nodes it creates; it is taken
+    at its word only when the numeric check will run the real graph anyway.
     """
-    if "shapes" not in p.preserves:
+    if "shapes" not in p.preserves or not trust_preserved:
         ctx.analyses.recompute("shapes")
         return
     missing = [n.name for n in gm.graph.nodes
-               if n.op in ("call_function", "call_method") and node_value_missing(n)]
+               if n.op in ("call_function", "call_method") and not has_value(n)]
     if missing:
         raise VerificationError(f"pass '{p.name}' declares it preserves shapes but left nodes "
                                 f"without meta['val']: {missing[:5]}")
-
-
-def node_value_missing(node: fx.Node) -> bool:
-    return "val" not in node.meta and "example_value" not in node.meta  # Dynamo's spelling
 
 
 class Statistics(Instrument):
