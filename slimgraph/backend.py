@@ -14,6 +14,7 @@ mutating weights. The backend is for inference; it does not train.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -68,8 +69,10 @@ def backend(
             ctx = PassContext(AnalysisManager.for_captured(gm), runnable, tolerance=tolerance,
                               reference_outputs=reference)
             chosen = default_instruments() if instruments is None else list(instruments())
+            start = time.perf_counter()
             records = run_pipeline(pipeline, gm, ctx, chosen)
-        reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo"))
+        reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo",
+                                      pipeline_seconds=time.perf_counter() - start))
         compiled = _hand_off(gm, user_inputs, then, dict(inductor_config or {}))
 
         # Both hand-offs take unpacked arguments, as Dynamo calls every backend's result.
