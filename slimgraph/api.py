@@ -6,6 +6,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from slimgraph.passes.instruments import default_instruments
 from slimgraph.passes.manager import Pass, PassContext, Pipeline
 from slimgraph.passes.runner import Instrument, run_pipeline
 from slimgraph.report import OptimizeReport
+from slimgraph.tools.dump.recorder import TraceRecorder
 
 
 def optimize(
@@ -33,6 +35,7 @@ def optimize(
     dynamic_shapes: Any = None,
     instruments: Sequence[Instrument] | None = None,
     strict: bool = False,
+    dump_dir: str | Path | None = None,
 ) -> fx.GraphModule:
     """Return an optimized copy of ``model``; ``result.report`` says what each pass did.
 
@@ -51,6 +54,7 @@ def optimize(
     - The model is captured in eval mode: the result is for inference (dropout off,
       batch norm reading its running statistics) whatever ``model.training`` was.
     - ``strict=True`` lets an exception inside a pass propagate instead of rolling back.
+    - ``dump_dir``: write a trace of the run to ``dump_dir/trace.jsonl`` for ``slimgraph dump``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() expects an nn.Module, got {type(model).__name__}")
@@ -67,12 +71,19 @@ def optimize(
         ctx = PassContext(AnalysisManager.for_captured(gm), args, kwargs, calibration_batches,
                           tolerance, reference)
         chosen = default_instruments() if instruments is None else list(instruments)
+        if dump_dir is not None:
+            chosen.append(TraceRecorder(Path(dump_dir) / "trace.jsonl", model=type(model).__name__,
+                                        pipeline=str(pipeline), entry="optimize",
+                                        capture={"strategy": _strategy(gm), "seconds": capture_seconds}))
         start = time.perf_counter()
         records = run_pipeline(pipeline, gm, ctx, chosen, strict=strict)
         pipeline_seconds = time.perf_counter() - start
-    gm.report = OptimizeReport(str(pipeline), records, capture_seconds,
-                               gm.meta.get("slimgraph_capture", {}).get("strategy", ""), pipeline_seconds)
+    gm.report = OptimizeReport(str(pipeline), records, capture_seconds, _strategy(gm), pipeline_seconds)
     return gm
+
+
+def _strategy(gm: fx.GraphModule) -> str:
+    return gm.meta.get("slimgraph_capture", {}).get("strategy", "")
 
 
 @contextlib.contextmanager

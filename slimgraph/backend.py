@@ -14,8 +14,11 @@ mutating weights. The backend is for inference; it does not train.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,6 +31,7 @@ from slimgraph.passes.instruments import default_instruments
 from slimgraph.passes.manager import Pass, PassContext, Pipeline
 from slimgraph.passes.runner import Instrument, run_pipeline
 from slimgraph.report import OptimizeReport
+from slimgraph.tools.dump.recorder import TraceRecorder
 
 Then = Literal["inductor", "eager"]
 
@@ -69,10 +73,17 @@ def backend(
             ctx = PassContext(AnalysisManager.for_captured(gm), runnable, tolerance=tolerance,
                               reference_outputs=reference)
             chosen = default_instruments() if instruments is None else list(instruments())
+            dump_dir = os.environ.get("SLIMGRAPH_DUMP")
+            if dump_dir:
+                chosen.append(TraceRecorder(Path(dump_dir) / f"graph_{len(reports)}.jsonl", model=gm.__class__.__name__,
+                                            pipeline=str(pipeline), entry="compile", graph_index=len(reports),
+                                            capture={"strategy": "dynamo", "seconds": 0.0}))
             start = time.perf_counter()
             records = run_pipeline(pipeline, gm, ctx, chosen)
         reports.append(OptimizeReport(str(pipeline), records, 0.0, "dynamo",
                                       pipeline_seconds=time.perf_counter() - start))
+        if dump_dir:
+            _write_compile_summary(Path(dump_dir), len(reports))
         compiled = _hand_off(gm, user_inputs, then, dict(inductor_config or {}))
 
         # Both hand-offs take unpacked arguments, as Dynamo calls every backend's result.
@@ -144,6 +155,15 @@ def _is_model_state(node: fx.Node, value: Any) -> bool:
         return True
     source = getattr(node.meta.get("grapharg"), "source", None)
     return isinstance(value, torch.Tensor) and source is not None and "._buffers[" in source.name
+
+
+def _write_compile_summary(dump_dir: Path, graphs: int) -> None:
+    """``compile.json``: how many graphs Dynamo produced so far and why it broke the graph."""
+    from torch._dynamo.utils import counters
+
+    summary = {"graphs": graphs, "traces": [f"graph_{i}.jsonl" for i in range(graphs)],
+               "graph_breaks": dict(counters["graph_break"])}
+    (dump_dir / "compile.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _hand_off(gm: fx.GraphModule, example_inputs: list[Any], then: Then, config: dict[str, Any]) -> Callable:

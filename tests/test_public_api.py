@@ -24,6 +24,7 @@ def test_optimize_signature():
         ("example_inputs", "POSITIONAL_OR_KEYWORD"), ("example_kwargs", "KEYWORD_ONLY"),
         ("calibration", "KEYWORD_ONLY"), ("tolerance", "KEYWORD_ONLY"), ("inplace", "KEYWORD_ONLY"),
         ("dynamic_shapes", "KEYWORD_ONLY"), ("instruments", "KEYWORD_ONLY"), ("strict", "KEYWORD_ONLY"),
+        ("dump_dir", "KEYWORD_ONLY"),
     ]
 
 

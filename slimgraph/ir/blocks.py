@@ -68,6 +68,8 @@ def find_blocks(gm: fx.GraphModule) -> BlockStructure:
     """
     candidates: dict[str, dict[int, Block]] = defaultdict(dict)
     for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue  # a block holds computation; the weights it reads are among its inputs
         for path, module_type in module_stack(node):
             match = _NUMBERED.match(path)
             if not match:

@@ -51,9 +51,15 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost module the node was traced in (``''`` for the root)."""
+    """Dotted path of the innermost module the node was traced in (``''`` for the root).
+
+    A weight read (``get_attr encoder.layer.0.attention.self.query.weight``) belongs to
+    the module that owns the weight.
+    """
     stack = module_stack(node)
-    return stack[-1][0] if stack else ""
+    if stack:
+        return stack[-1][0]
+    return str(node.target).rpartition(".")[0] if node.op == "get_attr" else ""
 
 
 def user_source_line(node: fx.Node) -> str:

@@ -165,3 +165,9 @@ def test_get_attr_value_and_node_value():
     assert node_value(node) == "dynamo"
     node.meta["val"] = "export"
     assert node_value(node) == "export"
+
+
+def test_a_weight_read_belongs_to_the_module_owning_the_weight():
+    gm = capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(1, 4),))
+    weight = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "0.weight")
+    assert module_path(weight) == "0"
