@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/slimgraph optimize minilm
 
-test: $(STAMP) lint
+test: $(STAMP) lint system-deps
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# Headless Chromium + its driver (the dump tool's HTML view is tested in a real browser)
+# and Graphviz's `dot` (DOT/SVG views), from Debian's packages.
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v dot >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver graphviz >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check slimgraph tests benchmarks
