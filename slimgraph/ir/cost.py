@@ -87,15 +87,15 @@ def node_cost(node: fx.Node, symbol_names: dict[str, str] | None = None) -> Node
 
 def _linear_flops(node, out, args, names):
     weight = args[1] if len(args) > 1 else _module_weight(node)
-    return 2 * _numel(out, names) * _size(weight.shape[-1], names)
+    return 2 * _numel(out, names) * symbolic_size(weight.shape[-1], names)
 
 
 def _addmm_flops(node, out, args, names):
-    return 2 * _numel(out, names) * _size(args[1].shape[-1], names)
+    return 2 * _numel(out, names) * symbolic_size(args[1].shape[-1], names)
 
 
 def _matmul_flops(node, out, args, names):
-    return 2 * _numel(out, names) * _size(args[0].shape[-1], names)
+    return 2 * _numel(out, names) * symbolic_size(args[0].shape[-1], names)
 
 
 def _conv_flops(node, out, args, names):
@@ -106,9 +106,9 @@ def _conv_flops(node, out, args, names):
 
 def _sdpa_flops(node, out, args, names):
     query, key = args[0], args[1]
-    scores = math.prod((_size(s, names) for s in query.shape[:-1]), start=1) * _size(key.shape[-2], names)
+    scores = math.prod((symbolic_size(s, names) for s in query.shape[:-1]), start=1) * symbolic_size(key.shape[-2], names)
     # QK^T and PV are one multiply-add per (score, head-dim) pair each; softmax ~5 ops per score.
-    return 2 * scores * _size(query.shape[-1], names) + 2 * scores * _size(out.shape[-1], names) + 5 * scores
+    return 2 * scores * symbolic_size(query.shape[-1], names) + 2 * scores * symbolic_size(out.shape[-1], names) + 5 * scores
 
 
 def _norm_flops(node, out, args, names):
@@ -181,7 +181,7 @@ def _module_weight(node: fx.Node) -> torch.Tensor:
 
 def _numel(value: Any, names: dict[str, str]) -> int | sympy.Expr:
     if isinstance(value, torch.Tensor):
-        return math.prod((_size(s, names) for s in value.shape), start=1)
+        return math.prod((symbolic_size(s, names) for s in value.shape), start=1)
     if isinstance(value, list | tuple):
         return sum(_numel(v, names) for v in value)
     return 0
@@ -195,8 +195,9 @@ def _nbytes(value: Any, names: dict[str, str]) -> int | sympy.Expr:
     return 0
 
 
-def _size(size: Any, names: dict[str, str]) -> int | sympy.Expr:
-    """Plain ints for static sizes (fast); sympy only where a size is symbolic."""
+def symbolic_size(size: Any, names: dict[str, str]) -> int | sympy.Expr:
+    """A tensor size as a number, or as a sympy expression in the user's ``Dim`` names
+    (``names`` maps export's ``s0`` to ``batch``). Never specialises a SymInt."""
     if isinstance(size, torch.SymInt):
         expr = size.node.expr
         renames = {s: sympy.Symbol(names.get(str(s), str(s)), integer=True, positive=True)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from slimgraph.ir.cost import symbolic_size
 from slimgraph.ir.nodes import module_path, module_stack, node_value, op_name, user_source_line
 from slimgraph.passes.manager import Pass, PassContext
 from slimgraph.passes.runner import Instrument, PassRecord
@@ -88,10 +89,11 @@ class TraceRecorder(Instrument):
 def describe_graph(gm: fx.GraphModule, ctx: PassContext) -> dict[str, Any]:
     """The ``GRAPH`` record of ``gm``: its code and one ``NODE`` per node."""
     costs = ctx.analysis("costs").per_node
-    return {"code": gm.code, "nodes": [_describe_node(n, costs.get(n)) for n in gm.graph.nodes]}
+    names = gm.meta.get("slimgraph_symbols", {})
+    return {"code": gm.code, "nodes": [_describe_node(n, costs.get(n), names) for n in gm.graph.nodes]}
 
 
-def _describe_node(node: fx.Node, cost: Any) -> dict[str, Any]:
+def _describe_node(node: fx.Node, cost: Any, names: dict[str, str]) -> dict[str, Any]:
     value = node_value(node)
     tensor = value if isinstance(value, torch.Tensor) else None
     return {
@@ -100,7 +102,7 @@ def _describe_node(node: fx.Node, cost: Any) -> dict[str, Any]:
         "target": str(node.target) if node.op != "call_function" else op_name(node),
         "kernel": op_name(node),
         "inputs": [a.name for a in node.all_input_nodes],
-        "shape": [_number(s) for s in tensor.shape] if tensor is not None else None,
+        "shape": [_number(symbolic_size(s, names)) for s in tensor.shape] if tensor is not None else None,
         "dtype": str(tensor.dtype) if tensor is not None else None,
         "module_path": module_path(node),
         "module_stack": [list(entry) for entry in module_stack(node)],
@@ -116,7 +118,9 @@ def _totals(nodes: int, param_bytes: int, flops: Any) -> dict[str, Any]:
 
 
 def _number(value: Any) -> int | float | str:
-    """Plain numbers stay numbers; symbolic sizes and costs become their text."""
+    """Plain numbers stay numbers; symbolic sizes and costs (sympy) become their text."""
+    if isinstance(value, torch.SymInt):  # int() would specialise it
+        return str(value)
     try:
         return int(value)
     except (TypeError, ValueError):
