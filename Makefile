@@ -29,8 +29,9 @@ system-deps:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check slimgraph tests benchmarks
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) benchmarks/dump_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
