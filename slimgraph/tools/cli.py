@@ -35,21 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("optimize", help="optimize a model and print what each pass did")
     run.add_argument("model", nargs="?", default="minilm",
                      help="'minilm' (bundled, default) or 'package.module:factory'")
-    run.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline text (default: '{DEFAULT_PIPELINE}')")
-    run.add_argument("--sentences", type=int, default=8, help="real sentences to run MiniLM on (default 8)")
-    run.add_argument("--tolerance", type=float, default=None,
-                     help="roll back any pass whose relative output error exceeds this")
+    _add_pipeline_arguments(run)
     dump = commands.add_parser("dump", help="optimize a model and write what each pass did to the graph")
     dump.add_argument("model", nargs="?", default="minilm",
                       help="'minilm' (bundled, default), 'package.module:factory' or a torch.export .pt2 file")
-    dump.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline text (default: '{DEFAULT_PIPELINE}')")
+    _add_pipeline_arguments(dump)
     dump.add_argument("--out", default="slimgraph_dump", help="output directory (default: ./slimgraph_dump)")
     dump.add_argument("--format", default="text",
                       help=f"comma-separated views to write: {', '.join(DUMP_FORMATS)} (default: text)")
     dump.add_argument("--only-changed", action="store_true", help="text view: only the passes that applied")
-    dump.add_argument("--sentences", type=int, default=8, help="real sentences to run MiniLM on (default 8)")
-    dump.add_argument("--tolerance", type=float, default=None,
-                      help="roll back any pass whose relative output error exceeds this")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
     try:
@@ -59,13 +53,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _add_pipeline_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline text (default: '{DEFAULT_PIPELINE}')")
+    command.add_argument("--sentences", type=int, default=8, help="real sentences to run MiniLM on (default 8)")
+    command.add_argument("--tolerance", type=float, default=None,
+                         help="roll back any pass whose relative output error exceeds this")
+
+
+def _split_inputs(inputs: tuple | list | dict) -> tuple[tuple, dict]:
+    """Example inputs as ``(args, kwargs)``: a dict is keyword arguments, a sequence positional ones."""
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+
+
 def optimize_command(args: argparse.Namespace, console: Console) -> int:
     import slimgraph
     from slimgraph.passes.manager import Pipeline
 
     pipeline = Pipeline.coerce(args.passes)  # fail on a bad pipeline before loading anything
     model, inputs, summarize = load_model_spec(args.model, args.sentences)
-    example_args, example_kwargs = (((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {}))
+    example_args, example_kwargs = _split_inputs(inputs)
     optimized = slimgraph.optimize(model, pipeline, example_args, example_kwargs=example_kwargs,
                                    tolerance=args.tolerance)
     console.print(optimized.report.table(title=f"slimgraph optimize {args.model}: {pipeline}"))
@@ -94,7 +100,7 @@ def dump_command(args: argparse.Namespace, console: Console) -> int:
         model, example_args, example_kwargs = load_exported_program(args.model)
     else:
         model, inputs, _ = load_model_spec(args.model, args.sentences)
-        example_args, example_kwargs = (((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {}))
+        example_args, example_kwargs = _split_inputs(inputs)
     slimgraph.optimize(model, pipeline, example_args, example_kwargs=example_kwargs,
                        tolerance=args.tolerance, dump_dir=out)
     trace = load_trace(out / "trace.jsonl")
