@@ -141,7 +141,15 @@ def _flops_rule(node: fx.Node) -> Callable | None:
     if node.op == "call_module":
         module = get_attr_value(node.graph.owning_module, node.target)
         return _RULES.get(type(module))
+    if _is_packed_linear(node.target):
+        return _matmul_flops  # x @ W.T from packed weights: 2 · out elements · in_features
     return _RULES.get(node.target)
+
+
+def _is_packed_linear(target: Any) -> bool:
+    """slimgraph's quantized linears (``slimgraph::linear_int8`` …); their first argument is x."""
+    return (isinstance(target, torch._ops.OpOverload) and target.namespace == "slimgraph"
+            and target._opname.startswith("linear_"))
 
 
 def _is_view(node: fx.Node, out: Any) -> bool:

@@ -1,0 +1,91 @@
+"""int4: group-wise 4-bit weights, two codes per byte.
+
+Asymmetric (default): ``w = (q - zero) * scale`` with q in [0, 15] and a uint8
+zero point per group (min–max range). Symmetric: q in [1, 15] around a fixed
+zero point 8 (i.e. [-7, 7]), scale = absmax / 7, no zeros stored. Scales are
+float16. Column ``2j`` sits in the low nibble, ``2j + 1`` in the high nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.kernels import native
+from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_weight_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(packed uint8 [out, in/2], scales float16 [out, in/g], zeros uint8 [out, in/g] | None)``."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    if symmetric:
+        scales = (groups.abs().amax(dim=-1) / 7).clamp_min(1e-8).half()
+        codes = torch.round(groups / scales.float()[..., None]).clamp(-7, 7) + 8
+        zeros = None
+    else:
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp_min(1e-8).half()
+        zeros = torch.round(-low / scales.float()).clamp(0, 15)
+        codes = torch.round(groups / scales.float()[..., None] + zeros[..., None]).clamp(0, 15)
+        zeros = zeros.to(torch.uint8)
+    return pack_nibbles(codes.reshape(out_features, in_features).to(torch.uint8)), scales, zeros
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], ``[rows, 2n]`` → ``[rows, n]`` bytes (even column in the low nibble)."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_nibbles``."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    codes = unpack_nibbles(packed).float().reshape(packed.shape[0], -1, group_size)
+    offsets = zeros.float()[..., None] if zeros is not None else 8.0
+    return ((codes - offsets) * scales.float()[..., None]).reshape(packed.shape[0], -1)
+
+
+@torch.library.custom_op("slimgraph::linear_int4", mutates_args=())
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """``x @ W.T + bias`` with W the dequantized int4 weight; native GEMV on CPU when built."""
+    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.int4_linear(x.contiguous(), packed, scales, zeros, bias, group_size)
+    return F.linear(x, dequantize_int4(packed, scales, zeros, group_size).to(x.dtype), bias)
+
+
+@linear_int4.register_fake
+def _(x, packed, scales, zeros, bias, group_size):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _pack(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False, **_: object) -> PackedLinear:
+    packed, scales, zeros = quantize_weight_int4(weight, group_size, symmetric)
+    extra_bits = 16 + (0 if symmetric else 8)  # a float16 scale (and a uint8 zero) per group
+    return PackedLinear(torch.ops.slimgraph.linear_int4.default,
+                        {"packed": packed, "scales": scales, "zeros": zeros},
+                        {"group_size": group_size}, bits_per_weight=4 + extra_bits / group_size)
+
+
+def _dequantize(packed: PackedLinear) -> torch.Tensor:
+    b = packed.buffers
+    return dequantize_int4(b["packed"], b["scales"], b["zeros"], packed.params["group_size"])
+
+
+def _why_not(weight: torch.Tensor, group_size: int = 128, **_: object) -> str | None:
+    if group_size not in GROUP_SIZES:
+        return f"group_size={group_size} is not one of {GROUP_SIZES}"
+    if weight.shape[1] % group_size:
+        return f"in_features={weight.shape[1]} is not divisible by group_size={group_size}"
+    return None
+
+
+register_format(QuantFormat("int4", _pack, _dequantize, _why_not))

@@ -1,0 +1,49 @@
+"""int8: symmetric per-output-channel weights, ``w = q * scale[o]`` with q in [-127, 127].
+
+Everything about the format, side by side: packing, the custom op with its torch
+reference and fake implementation, and the CPU fast path (``kernels.native``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.kernels import native
+from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qweight int8 [out, in], scales float32 [out])`` with ``scale = absmax / 127`` per row."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return qweight, scales
+
+
+@torch.library.custom_op("slimgraph::linear_int8", mutates_args=())
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (qweight * scales[:, None]).T + bias``; native AVX2 GEMV on CPU when built."""
+    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.int8_linear(x.contiguous(), qweight, scales, bias)
+    return F.linear(x, qweight.to(x.dtype) * scales[:, None].to(x.dtype), bias)
+
+
+@linear_int8.register_fake
+def _(x, qweight, scales, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _pack(weight: torch.Tensor, **_: object) -> PackedLinear:
+    qweight, scales = quantize_weight_int8(weight)
+    return PackedLinear(torch.ops.slimgraph.linear_int8.default, {"qweight": qweight, "scales": scales},
+                        bits_per_weight=8 + 32 / weight.shape[1])
+
+
+def _dequantize(packed: PackedLinear) -> torch.Tensor:
+    return packed.buffers["qweight"].float() * packed.buffers["scales"][:, None]
+
+
+register_format(QuantFormat("int8", _pack, _dequantize, lambda weight, **_: None))
