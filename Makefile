@@ -27,7 +27,7 @@ system-deps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver graphviz >/dev/null; }
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check slimgraph tests benchmarks
+	$(VENV)/bin/ruff check slimgraph tests benchmarks scripts
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/pipeline_overhead.py
