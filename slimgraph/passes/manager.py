@@ -120,12 +120,12 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 def make_pass(name: str, **options: Any) -> Pass:
     """Instantiate a registered pass, with a helpful error for unknown names and options."""
     if name not in PASS_REGISTRY:
-        raise PipelineError(f"unknown pass '{name}'. {_choices('passes', name, PASS_REGISTRY)}")
+        raise PipelineError(f"unknown pass '{name}'. {choices_hint('passes', name, PASS_REGISTRY)}")
     cls = PASS_REGISTRY[name]
     valid = {f.name for f in dataclasses.fields(cls)}
     for option in options:
         if option not in valid:
-            raise PipelineError(f"pass '{name}' has no option '{option}'. {_choices('options', option, valid)}")
+            raise PipelineError(f"pass '{name}' has no option '{option}'. {choices_hint('options', option, valid)}")
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in options
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -217,7 +217,7 @@ class _Parser:
                 self._expect("=")
                 options[option] = self._value()
         if name not in PASS_REGISTRY:
-            self._fail(position, f"unknown pass '{name}'. {_choices('passes', name, PASS_REGISTRY)}")
+            self._fail(position, f"unknown pass '{name}'. {choices_hint('passes', name, PASS_REGISTRY)}")
         hints = typing.get_type_hints(PASS_REGISTRY[name])
         return make_pass(name, **{k: convert(v, hints.get(k, Any)) for k, v in options.items()})
 
@@ -271,7 +271,8 @@ def _default_of(cls: type[Pass], option: str) -> Any:
     return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
-def _choices(kind: str, wrong: str, valid: Sequence[str] | dict) -> str:
+def choices_hint(kind: str, wrong: str, valid: Sequence[str] | dict) -> str:
+    """``Valid <kind>: a, b. Did you mean 'a'?`` for an error about ``wrong``."""
     names = sorted(valid)
     close = difflib.get_close_matches(wrong, names, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""

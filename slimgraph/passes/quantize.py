@@ -22,7 +22,7 @@ from slimgraph.errors import PipelineError
 from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
 from slimgraph.ir.views import LinearView
 from slimgraph.kernels import FORMATS, PackedLinear, int4, int8, nf4  # noqa: F401 - format registration
-from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
+from slimgraph.passes.manager import Pass, PassContext, PassResult, choices_hint, register_pass
 
 HEAD_NAMES = {"lm_head", "head", "classifier", "score", "output", "output_projection"}
 
@@ -46,12 +46,8 @@ class Quantize(Pass):
 
     def validate(self) -> None:
         if self.format not in FORMATS:
-            import difflib
-
-            close = difflib.get_close_matches(self.format, FORMATS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
             raise PipelineError(f"pass 'quantize': unknown format '{self.format}'. "
-                                f"Valid formats: {', '.join(sorted(FORMATS))}.{hint}")
+                                f"{choices_hint('formats', self.format, FORMATS)}")
         for option in ("include", "exclude"):
             try:
                 re.compile(getattr(self, option))
