@@ -1,16 +1,18 @@
 """The format registry: what the ``quantize`` pass needs to know about a weight format.
 
-A format packs one ``[out, in]`` float weight into buffers and names the custom op
-that computes ``x @ W.T + bias`` from them::
+A format is an options dataclass (validated in ``__post_init__``), a function that
+packs one ``[out, in]`` float weight into buffers, the reference dequantization,
+and the custom op that computes ``x @ W.T + bias`` from the buffers::
 
-    packed = FORMATS["int8"].pack(weight, group_size=128, symmetric=True)
-    y = packed.op(x, *packed.buffers.values(), bias, *packed.params.values())
+    packed = FORMATS["int4"].pack(weight, group_size=32, symmetric=True)
+    y = packed(x, bias)                       # the op on the packed buffers
+    w_hat = FORMATS["int4"].dequantize(packed)  # what the op multiplies by
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -18,12 +20,17 @@ import torch
 
 @dataclass
 class PackedLinear:
-    """One packed weight: its buffers (graph constants), the op, its static params and its cost."""
+    """One packed weight: its buffers (graph constants), the op, its static params and its cost.
+
+    ``bits_per_weight`` counts everything stored per weight (codes, scales, zeros), so
+    ``nbytes * 8 / weight.numel()`` equals it up to rounding.
+    """
 
     op: Callable[..., torch.Tensor]
-    buffers: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor | None]
     params: dict[str, Any] = field(default_factory=dict)
     bits_per_weight: float = 0.0
+    format: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -34,18 +41,58 @@ class PackedLinear:
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """Options of a format that has none."""
+
+
+def _takes_any_weight(weight: torch.Tensor, options: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
 class QuantFormat:
     """A registered weight format.
 
-    ``pack(weight, **options)`` returns a ``PackedLinear``; ``dequantize(packed)`` the
-    reference ``[out, in]`` float weight it encodes; ``why_not(weight, **options)`` a
-    reason the format cannot take this weight (``None`` when it can).
+    ``packer(weight, options)`` returns a ``PackedLinear``; ``dequantize(packed)`` the
+    reference ``[out, in]`` float weight it encodes; ``rejects(weight, options)`` the
+    reason the format cannot take this weight (``None`` when it can). ``options`` is
+    the format's frozen options dataclass; its ``__post_init__`` validates values.
     """
 
     name: str
-    pack: Callable[..., PackedLinear]
+    packer: Callable[[torch.Tensor, Any], PackedLinear]
     dequantize: Callable[[PackedLinear], torch.Tensor]
-    why_not: Callable[..., str | None]
+    options: type = NoOptions
+    rejects: Callable[[torch.Tensor, Any], str | None] = _takes_any_weight
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self.options))
+
+    def make_options(self, **given: Any) -> Any:
+        """The options dataclass from keyword values; unknown names raise ``ValueError``.
+
+        >>> FORMATS["int4"].make_options(group_size=32)
+        Int4Options(group_size=32, symmetric=False)
+        """
+        unknown = sorted(set(given) - set(self.option_names))
+        if unknown:
+            accepted = ", ".join(self.option_names) or "none"
+            raise ValueError(f"format '{self.name}' has no option {', '.join(unknown)} (its options: {accepted})")
+        return self.options(**given)
+
+    def why_not(self, weight: torch.Tensor, options: Any) -> str | None:
+        return self.rejects(weight, options)
+
+    def pack(self, weight: torch.Tensor, options: Any = None, /, **given: Any) -> PackedLinear:
+        """Pack ``weight`` with an options instance or keyword options; a rejected weight raises ``ValueError``."""
+        options = self.make_options(**given) if options is None else options
+        reason = self.rejects(weight, options)
+        if reason:
+            raise ValueError(f"format '{self.name}' cannot pack a {tuple(weight.shape)} weight: {reason}")
+        packed = self.packer(weight.detach(), options)
+        packed.format = self.name
+        return packed
 
 
 FORMATS: dict[str, QuantFormat] = {}

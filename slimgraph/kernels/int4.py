@@ -11,10 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from slimgraph.kernels import native
 from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format
 
 GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size={self.group_size} is not one of {GROUP_SIZES}")
 
 
 def quantize_weight_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False
@@ -67,12 +79,12 @@ def _(x, packed, scales, zeros, bias, group_size):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-def _pack(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False, **_: object) -> PackedLinear:
-    packed, scales, zeros = quantize_weight_int4(weight, group_size, symmetric)
-    extra_bits = 16 + (0 if symmetric else 8)  # a float16 scale (and a uint8 zero) per group
+def _pack(weight: torch.Tensor, options: Int4Options) -> PackedLinear:
+    packed, scales, zeros = quantize_weight_int4(weight, options.group_size, options.symmetric)
+    extra_bits = 16 + (0 if options.symmetric else 8)  # a float16 scale (and a uint8 zero) per group
     return PackedLinear(torch.ops.slimgraph.linear_int4.default,
                         {"packed": packed, "scales": scales, "zeros": zeros},
-                        {"group_size": group_size}, bits_per_weight=4 + extra_bits / group_size)
+                        {"group_size": options.group_size}, bits_per_weight=4 + extra_bits / options.group_size)
 
 
 def _dequantize(packed: PackedLinear) -> torch.Tensor:
@@ -80,12 +92,10 @@ def _dequantize(packed: PackedLinear) -> torch.Tensor:
     return dequantize_int4(b["packed"], b["scales"], b["zeros"], packed.params["group_size"])
 
 
-def _why_not(weight: torch.Tensor, group_size: int = 128, **_: object) -> str | None:
-    if group_size not in GROUP_SIZES:
-        return f"group_size={group_size} is not one of {GROUP_SIZES}"
-    if weight.shape[1] % group_size:
-        return f"in_features={weight.shape[1]} is not divisible by group_size={group_size}"
+def _rejects(weight: torch.Tensor, options: Int4Options) -> str | None:
+    if weight.shape[1] % options.group_size:
+        return f"in_features={weight.shape[1]} is not divisible by group_size={options.group_size}"
     return None
 
 
-register_format(QuantFormat("int4", _pack, _dequantize, _why_not))
+register_format(QuantFormat("int4", _pack, _dequantize, Int4Options, _rejects))

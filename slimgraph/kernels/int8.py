@@ -36,7 +36,7 @@ def _(x, qweight, scales, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _pack(weight: torch.Tensor, **_: object) -> PackedLinear:
+def _pack(weight: torch.Tensor, options: object) -> PackedLinear:
     qweight, scales = quantize_weight_int8(weight)
     return PackedLinear(torch.ops.slimgraph.linear_int8.default, {"qweight": qweight, "scales": scales},
                         bits_per_weight=8 + 32 / weight.shape[1])
@@ -46,4 +46,4 @@ def _dequantize(packed: PackedLinear) -> torch.Tensor:
     return packed.buffers["qweight"].float() * packed.buffers["scales"][:, None]
 
 
-register_format(QuantFormat("int8", _pack, _dequantize, lambda weight, **_: None))
+register_format(QuantFormat("int8", _pack, _dequantize))

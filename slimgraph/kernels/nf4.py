@@ -7,6 +7,8 @@ themselves quantized to 8 bits in blocks of 256 after subtracting their mean
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,11 @@ NF4_CODE = torch.tensor([
 ])
 BLOCK_SIZE = 64
 SCALE_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Nf4Options:
+    double_quant: bool = False
 
 
 def quantize_weight_nf4(weight: torch.Tensor, double_quant: bool = False) -> dict[str, torch.Tensor]:
@@ -76,8 +83,8 @@ def _(x, packed, absmax, absmax_scales, absmax_mean, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-def _pack(weight: torch.Tensor, double_quant: bool = False, **_: object) -> PackedLinear:
-    buffers = quantize_weight_nf4(weight, double_quant)
+def _pack(weight: torch.Tensor, options: Nf4Options) -> PackedLinear:
+    buffers = quantize_weight_nf4(weight, options.double_quant)
     buffers.setdefault("absmax_scales", None)
     buffers.setdefault("absmax_mean", None)
     numel = weight.numel()
@@ -90,10 +97,10 @@ def _dequantize(packed: PackedLinear) -> torch.Tensor:
     return dequantize_nf4(b["packed"], b["absmax"], b["absmax_scales"], b["absmax_mean"])
 
 
-def _why_not(weight: torch.Tensor, **_: object) -> str | None:
+def _rejects(weight: torch.Tensor, options: Nf4Options) -> str | None:
     if weight.shape[1] % BLOCK_SIZE:
         return f"in_features={weight.shape[1]} is not divisible by the NF4 block size {BLOCK_SIZE}"
     return None
 
 
-register_format(QuantFormat("nf4", _pack, _dequantize, _why_not))
+register_format(QuantFormat("nf4", _pack, _dequantize, Nf4Options, _rejects))

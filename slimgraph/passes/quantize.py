@@ -11,8 +11,8 @@ Verified by the runner (numeric check against the reference, ``tolerance``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -21,9 +21,10 @@ from torch import nn
 from slimgraph.errors import PipelineError
 from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
 from slimgraph.ir.views import LinearView
-from slimgraph.kernels import FORMATS, PackedLinear, int4, int8, nf4  # noqa: F401 - format registration
+from slimgraph.kernels import FORMATS, PackedLinear
 from slimgraph.passes.manager import Pass, PassContext, PassResult, choices_hint, register_pass
 
+FORMAT_OPTIONS = ("group_size", "symmetric", "double_quant")
 HEAD_NAMES = {"lm_head", "head", "classifier", "score", "output", "output_projection"}
 
 
@@ -36,9 +37,10 @@ class Quantize(Pass):
     preserves: ClassVar[tuple[str, ...]] = ("shapes", "blocks")
 
     format: str = "int8"
-    group_size: int = 128
-    symmetric: bool = False
-    double_quant: bool = False
+    # Format options: None means the format's default; setting one the format lacks is an error.
+    group_size: int | None = None
+    symmetric: bool | None = None
+    double_quant: bool | None = None
     include: str = ""
     exclude: str = ""
     quantize_head: bool = False
@@ -48,6 +50,10 @@ class Quantize(Pass):
         if self.format not in FORMATS:
             raise PipelineError(f"pass 'quantize': unknown format '{self.format}'. "
                                 f"{choices_hint('formats', self.format, FORMATS)}")
+        try:
+            self.format_options()
+        except (ValueError, TypeError) as error:
+            raise PipelineError(f"pass 'quantize': {error}") from error
         for option in ("include", "exclude"):
             try:
                 re.compile(getattr(self, option))
@@ -55,9 +61,14 @@ class Quantize(Pass):
                 raise PipelineError(f"pass 'quantize': {option}={getattr(self, option)!r} is not a "
                                     f"valid regular expression ({error})") from error
 
+    def format_options(self) -> Any:
+        """The chosen format's options dataclass, built from the options set on this pass."""
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name in FORMAT_OPTIONS}
+        return FORMATS[self.format].make_options(**{k: v for k, v in given.items() if v is not None})
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         fmt = FORMATS[self.format]
-        options = {"group_size": self.group_size, "symmetric": self.symmetric, "double_quant": self.double_quant}
+        options = self.format_options()
         skipped: dict[str, str] = {}
         packed_bits = packed_weights = matched = 0
         for node in list(gm.graph.nodes):
@@ -66,11 +77,11 @@ class Quantize(Pass):
                 continue
             matched += 1
             path = view.module_path or view.node.name
-            reason = self._skip_reason(view) or fmt.why_not(view.weight, **options)
+            reason = self._skip_reason(view) or fmt.why_not(view.weight, options)
             if reason:
                 skipped[path] = reason
                 continue
-            packed = fmt.pack(view.weight, **options)
+            packed = fmt.pack(view.weight, options)
             _rewrite(gm, view, packed)
             packed_bits += packed.bits_per_weight * view.weight.numel()
             packed_weights += view.weight.numel()

@@ -110,6 +110,16 @@ def test_unknown_format_names_the_choices():
         slimgraph.Pipeline.parse("quantize(format=int5)")
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("quantize(format=int8, group_size=32)", "format 'int8' has no option group_size (its options: none)"),
+    ("quantize(format=nf4, symmetric=true)", "format 'nf4' has no option symmetric (its options: double_quant)"),
+    ("quantize(format=int4, group_size=48)", r"int4 group_size=48 is not one of \(32, 64, 128, 256\)"),
+])
+def test_format_options_are_checked_when_the_pipeline_is_built(spec, message):
+    with pytest.raises(PipelineError, match=message):
+        slimgraph.Pipeline.parse(spec)
+
+
 def test_quantized_graph_exports_and_compiles():
     model, x = Stack().eval(), torch.randn(2, 128)
     optimized = slimgraph.optimize(model, "quantize(format=int4, group_size=32)", (x,), strict=True)
