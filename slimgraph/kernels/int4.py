@@ -8,10 +8,10 @@ float16. Column ``2j`` sits in the low nibble, ``2j + 1`` in the high nibble.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-
-from dataclasses import dataclass
 
 from slimgraph.kernels import native
 from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -113,10 +115,10 @@ def test_unknown_format_names_the_choices():
 @pytest.mark.parametrize(("spec", "message"), [
     ("quantize(format=int8, group_size=32)", "format 'int8' has no option group_size (its options: none)"),
     ("quantize(format=nf4, symmetric=true)", "format 'nf4' has no option symmetric (its options: double_quant)"),
-    ("quantize(format=int4, group_size=48)", r"int4 group_size=48 is not one of \(32, 64, 128, 256\)"),
+    ("quantize(format=int4, group_size=48)", "int4 group_size=48 is not one of (32, 64, 128, 256)"),
 ])
 def test_format_options_are_checked_when_the_pipeline_is_built(spec, message):
-    with pytest.raises(PipelineError, match=message):
+    with pytest.raises(PipelineError, match=re.escape(message)):
         slimgraph.Pipeline.parse(spec)
 
 
