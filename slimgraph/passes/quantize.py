@@ -11,7 +11,7 @@ Verified by the runner (numeric check against the reference, ``tolerance``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +24,7 @@ from slimgraph.ir.views import LinearView
 from slimgraph.kernels import FORMATS, PackedLinear
 from slimgraph.passes.manager import Pass, PassContext, PassResult, choices_hint, register_pass
 
-FORMAT_OPTIONS = ("group_size", "symmetric", "double_quant")
+FORMAT_OPTIONS = ("group_size", "symmetric", "double_quant", "bits", "p", "seed", "variant", "threshold")
 HEAD_NAMES = {"lm_head", "head", "classifier", "score", "output", "output_projection"}
 
 
@@ -41,6 +41,11 @@ class Quantize(Pass):
     group_size: int | None = None
     symmetric: bool | None = None
     double_quant: bool | None = None
+    bits: int | None = None
+    p: int | None = None
+    seed: int | None = None
+    variant: str | None = None
+    threshold: float | None = None
     include: str = ""
     exclude: str = ""
     quantize_head: bool = False
@@ -63,8 +68,8 @@ class Quantize(Pass):
 
     def format_options(self) -> Any:
         """The chosen format's options dataclass, built from the options set on this pass."""
-        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name in FORMAT_OPTIONS}
-        return FORMATS[self.format].make_options(**{k: v for k, v in given.items() if v is not None})
+        given = {name: getattr(self, name) for name in FORMAT_OPTIONS if getattr(self, name) is not None}
+        return FORMATS[self.format].make_options(**given)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         fmt = FORMATS[self.format]
