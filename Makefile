@@ -30,8 +30,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check slimgraph tests benchmarks scripts
 
 bench: $(STAMP) system-deps
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/pipeline_overhead.py
 	$(PY) benchmarks/dump_scale.py
+	$(PY) benchmarks/quant_cpu.py
+	$(PY) benchmarks/quant_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

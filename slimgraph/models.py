@@ -65,21 +65,39 @@ def llama(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, 
     return LlamaModel(config).eval()
 
 
-def sentences(count: int = 8, min_words: int = 6) -> list[str]:
-    """Real English sentences from the docstrings of Python's standard library (no downloads)."""
-    import collections
-    import json
-    import re
-    import string
-    import textwrap
+STDLIB_MODULES = ("json", "collections", "textwrap", "string", "re", "os", "argparse", "asyncio", "base64",
+                  "calendar", "csv", "datetime", "decimal", "difflib", "email", "fractions", "functools",
+                  "gzip", "heapq", "http.client", "inspect", "itertools", "logging", "pathlib", "pickle",
+                  "random", "shutil", "socket", "statistics", "subprocess", "tarfile", "tempfile",
+                  "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile")
 
-    found: list[str] = []
-    for module in (json, collections, textwrap, string, re, os):
-        text = " ".join((module.__doc__ or "").split())
-        for sentence in re.split(r"(?<=[.!?])\s+", text):
-            prose = not any(mark in sentence for mark in (">>>", "::", "--", "<", "="))
-            if prose and min_words <= len(sentence.split()) <= 40 and sentence[0].isupper():
-                found.append(sentence)
-    if len(found) < count:
-        raise RuntimeError(f"only {len(found)} sentences available in standard-library docstrings")
-    return found[:count]
+
+def sentences(count: int = 8, min_words: int = 6) -> list[str]:
+    """Real English sentences from docstrings of Python's standard library (no downloads).
+
+    Module docstrings first, then those of the modules' public functions and classes,
+    in a fixed order, without duplicates: the same list on every machine with the same
+    Python. About 1700 are available on CPython 3.11.
+    """
+    import importlib
+
+    modules = [importlib.import_module(name) for name in STDLIB_MODULES]
+    members = [getattr(module, name) for module in modules for name in sorted(dir(module)) if not name.startswith("_")]
+    found: dict[str, None] = {}
+    for obj in (*modules, *members):
+        for sentence in _prose_sentences(getattr(obj, "__doc__", None), min_words):
+            found.setdefault(sentence)
+            if len(found) == count:
+                return list(found)
+    raise RuntimeError(f"only {len(found)} sentences available in standard-library docstrings")
+
+
+def _prose_sentences(doc: object, min_words: int) -> list[str]:
+    import re
+
+    if not isinstance(doc, str):
+        return []
+    text = " ".join(doc.split())
+    return [s for s in re.split(r"(?<=[.!?])\s+", text)
+            if not any(mark in s for mark in (">>>", "::", "--", "<", "="))
+            and min_words <= len(s.split()) <= 40 and s[0].isupper()]
