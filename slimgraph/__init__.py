@@ -5,6 +5,8 @@ Three ways in:
 - ``slimgraph.optimize(model, "cleanup, fold_constants", example_inputs)``
 - ``torch.compile(model, backend="slimgraph")`` or ``backend=slimgraph.backend(passes=..., then="eager")``
 - ``slimgraph optimize MODEL`` on the command line
+
+``slimgraph.save(optimized, path)`` / ``slimgraph.load(path)`` keep the result in one safetensors file.
 """
 
 from slimgraph.api import optimize
@@ -27,11 +29,12 @@ from slimgraph.passes import (
 )
 from slimgraph.passes.runner import PassRolledBackWarning
 from slimgraph.report import OptimizeReport
+from slimgraph.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult", "PassRolledBackWarning",
-    "Pipeline", "PipelineError", "SlimgraphError", "VerificationError", "backend", "capture", "optimize",
-    "register_pass", "verify",
+    "Pipeline", "PipelineError", "SlimgraphError", "VerificationError", "backend", "capture", "load", "optimize",
+    "register_pass", "save", "verify",
 ]

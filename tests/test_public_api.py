@@ -40,6 +40,12 @@ def test_backend_and_capture_signatures():
     ]
 
 
+def test_save_and_load_signatures():
+    assert _parameters(slimgraph.save) == [("model", "POSITIONAL_OR_KEYWORD"), ("path", "POSITIONAL_OR_KEYWORD")]
+    assert _parameters(slimgraph.load) == [("path", "POSITIONAL_OR_KEYWORD")]
+    assert {"save", "load"} <= set(slimgraph.__all__)
+
+
 def test_readme_pass_example_runs():
     """The custom pass shown in the README, verbatim in substance."""
 
