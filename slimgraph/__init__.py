@@ -15,6 +15,7 @@ from slimgraph.errors import (
     CaptureError,
     PassError,
     PipelineError,
+    SerializationError,
     SlimgraphError,
     VerificationError,
 )
@@ -34,7 +35,7 @@ from slimgraph.serialize import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult", "PassRolledBackWarning",
-    "Pipeline", "PipelineError", "SlimgraphError", "VerificationError", "backend", "capture", "load", "optimize",
-    "register_pass", "save", "verify",
+    "DEFAULT_PIPELINE", "CaptureError", "OptimizeReport", "Pass", "PassContext", "PassError", "PassResult",
+    "PassRolledBackWarning", "Pipeline", "PipelineError", "SerializationError", "SlimgraphError",
+    "VerificationError", "backend", "capture", "load", "optimize", "register_pass", "save", "verify",
 ]

@@ -36,6 +36,10 @@ class VerificationError(SlimgraphError):
     """A graph failed verification: lint, shape re-propagation, or the numeric check."""
 
 
+class SerializationError(SlimgraphError):
+    """A graph cannot be saved, or a file cannot be loaded (damaged, tampered, unsupported)."""
+
+
 def describe_node(node: fx.Node) -> str:
     """One phrase locating ``node`` for a human.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slimgraph.passes.runner import PassRecord
@@ -28,7 +29,8 @@ class OptimizeReport:
         return [r for r in self.records if r.status == "rolled back"]
 
     def table(self, title: str | None = None) -> Table:
-        table = Table(title=title or f"slimgraph: {self.pipeline}", title_justify="left")
+        # Pass text and notes are user data: `formats=[int8, nf4]` must not read as rich markup.
+        table = Table(title=title or f"slimgraph: {escape(self.pipeline)}", title_justify="left")
         for column, justify in [("pass", "left"), ("status", "left"), ("what changed", "left"),
                                 ("nodes", "right"), ("param bytes", "right"), ("FLOPs", "right"),
                                 ("time", "right"), ("output error", "right")]:
@@ -38,11 +40,11 @@ class OptimizeReport:
         table.add_row("capture", self.capture_strategy, "", "", "", "", _seconds(self.capture_seconds), "",
                       *["" for _ in self.extra_columns])
         for index, r in enumerate(self.records):
-            what = "; ".join(r.result.notes) or "-"
+            what = escape("; ".join(r.result.notes) or "-")
             if r.reason:
-                what = f"[red]{r.reason}[/red]"
+                what = f"[red]{escape(r.reason)}[/red]"
             table.add_row(
-                r.pass_text, _status(r.status), what,
+                escape(r.pass_text), _status(r.status), what,
                 f"{r.nodes_before} → {r.nodes_after}",
                 f"{format_bytes(r.param_bytes_before)} → {format_bytes(r.param_bytes_after)}",
                 f"{format_count(r.flops_before)} → {format_count(r.flops_after)}",

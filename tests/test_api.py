@@ -113,6 +113,13 @@ def test_report_has_one_record_per_pass(mlp):
     assert "cleanup" in str(report) and "removed 2 dropout" in str(report)
 
 
+def test_report_prints_brackets_in_pass_text_literally(mlp):
+    """Regression: rich read `[0-9]` in a pass option as markup and dropped it."""
+    model, inputs = mlp
+    optimized = slimgraph.optimize(model, "quantize(exclude='fc[0-9]')", inputs)
+    assert "exclude='fc[0-9]'" in str(optimized.report)
+
+
 def test_calibration_accepts_tuples_dicts_and_tensors(see_calibration, mlp):
     model, (x,) = mlp
     y = torch.randn(2, 16)

@@ -64,7 +64,7 @@ def _capture_with_export(model, args, kwargs, dynamic_shapes) -> fx.GraphModule:
     gm = program.module()
     if isinstance(getattr(gm, "_guards_fn", None), nn.Module):
         first_input = next((n.target for n in gm.graph.nodes if n.op == "placeholder"), "x")
-        gm._guards_fn = _ExplainedGuards(gm._guards_fn, first_input)
+        gm._guards_fn = ExplainedGuards(gm._guards_fn, first_input)
     gm.meta["slimgraph_capture"] = {"strategy": "export"}
     gm.meta["slimgraph_symbols"] = _symbol_names(gm, dynamic_shapes)
     return gm
@@ -84,7 +84,7 @@ def _capture_with_symbolic_trace(model, args, kwargs, leaf_modules) -> fx.GraphM
     return gm
 
 
-class _ExplainedGuards(nn.Module):
+class ExplainedGuards(nn.Module):
     """export's input guards, with a failure that says how to accept other sizes."""
 
     _is_impure = True  # its checks are the point: dead-code elimination must keep the call
