@@ -1,0 +1,79 @@
+"""Statistics of the inputs some nodes see on calibration data, gathered in one run.
+
+Data-aware passes need what flows into a layer, not just its weight: GPTQ needs
+the Gram matrix ``Σ xᵀx`` of a linear's input, Wanda the column norms ``‖X_j‖``.
+``input_statistics`` runs the graph once per calibration batch (an
+``fx.Interpreter``, so nothing is hooked into the caller's modules) and folds each
+chosen node's first argument into a running statistic::
+
+    grams = input_statistics(gm, ["linear_1", "linear_2"], ctx.calibration, gram)
+    grams["linear_1"]  # float64 [in, in], summed over every token of every batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from rich.progress import track
+from torch.fx._pytree import tree_flatten_spec
+
+Statistic = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+PROGRESS_AFTER_BATCHES = 4  # a progress bar is worth showing from about this many batches
+
+
+def input_statistics(gm: fx.GraphModule, node_names: Sequence[str],
+                     calibration: Sequence[tuple[tuple, dict[str, Any]]], statistic: Statistic,
+                     description: str = "gathering activations") -> dict[str, torch.Tensor]:
+    """``{node name: statistic}`` accumulated over the first argument of each named node.
+
+    ``statistic(x, running)`` gets the node's input (any shape ``[..., features]``) and
+    the running value (``None`` on the first call) and returns the new running value.
+    A node never reached on the calibration inputs is missing from the result.
+    """
+    wanted = set(node_names)
+    missing = wanted - {node.name for node in gm.graph.nodes}
+    if missing:
+        raise KeyError(f"input_statistics: no node named {', '.join(sorted(missing))} in the graph")
+    recorder = _Recorder(gm, wanted, statistic)
+    with torch.no_grad():
+        for args, kwargs in track(calibration, description=description, transient=True,
+                                  disable=len(calibration) < PROGRESS_AFTER_BATCHES):
+            recorder.run(*_flat_inputs(gm, args, kwargs))
+    return recorder.values
+
+
+def gram(x: torch.Tensor, running: torch.Tensor | None) -> torch.Tensor:
+    """``Σ xᵀx`` over every row of ``x`` (flattened to ``[rows, features]``), float64."""
+    rows = x.detach().reshape(-1, x.shape[-1]).double()
+    update = rows.T @ rows
+    return update if running is None else running + update
+
+
+def squared_column_norms(x: torch.Tensor, running: torch.Tensor | None) -> torch.Tensor:
+    """``Σ x_j²`` per feature ``j`` over every row of ``x``, float64 (``sqrt`` gives ``‖X_j‖``)."""
+    update = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+    return update if running is None else running + update
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str], statistic: Statistic):
+        super().__init__(gm)
+        self.wanted, self.statistic = wanted, statistic
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.name in self.wanted:
+            x = self.env[node.args[0]]
+            self.values[node.name] = self.statistic(x, self.values.get(node.name))
+        return super().run_node(node)
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """The placeholder values ``gm(*args, **kwargs)`` binds: export's graphs flatten a pytree."""
+    pytree_info = getattr(gm.graph._codegen, "pytree_info", None)
+    if pytree_info is None or pytree_info.in_spec is None:
+        return [*args, *kwargs.values()]
+    return tree_flatten_spec((tuple(args), kwargs), pytree_info.in_spec)
