@@ -29,6 +29,7 @@ class PassError(SlimgraphError):
         self.pass_name = pass_name
         self.node = node
         where = f" at {describe_node(node)}" if node is not None else ""
+        message = message.removeprefix(f"pass '{pass_name}': ")  # a PipelineError raised in run() names it already
         super().__init__(f"pass '{pass_name}'{where}: {message}")
 
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from slimgraph.kernels.gptq import GroupQuantizer
 
 
 @dataclass
@@ -57,6 +60,8 @@ class QuantFormat:
     reference ``[out, in]`` float weight it encodes; ``rejects(weight, options)`` the
     reason the format cannot take this weight (``None`` when it can). ``options`` is
     the format's frozen options dataclass; its ``__post_init__`` validates values.
+    ``group_quantizer(weight, options)``, when given, lets GPTQ choose the codes
+    (``slimgraph.kernels.gptq``); formats without one pack with round-to-nearest only.
     """
 
     name: str
@@ -64,6 +69,7 @@ class QuantFormat:
     dequantize: Callable[[PackedLinear], torch.Tensor]
     options: type = NoOptions
     rejects: Callable[[torch.Tensor, Any], str | None] = _takes_any_weight
+    group_quantizer: Callable[[torch.Tensor, Any], GroupQuantizer] | None = None
 
     @property
     def option_names(self) -> tuple[str, ...]:

@@ -11,14 +11,27 @@ import torch.nn.functional as F
 
 from slimgraph.kernels import native
 from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format
+from slimgraph.kernels.gptq import ScalarGrid, grid_quantizer
 
 
 def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(qweight int8 [out, in], scales float32 [out])`` with ``scale = absmax / 127`` per row."""
     weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return qweight, scales
+    scales = int8_scales(weight)
+    return encode_int8(weight, scales[:, None]), scales
+
+
+def int8_scales(rows: torch.Tensor) -> torch.Tensor:
+    """``absmax / 127`` of each row of ``rows [..., in]``."""
+    return rows.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+
+
+def encode_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.round(values / scales).clamp(-127, 127).to(torch.int8)
+
+
+def decode_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales
 
 
 @torch.library.custom_op("slimgraph::linear_int8", mutates_args=())
@@ -37,13 +50,22 @@ def _(x, qweight, scales, bias):
 
 
 def _pack(weight: torch.Tensor, options: object) -> PackedLinear:
-    qweight, scales = quantize_weight_int8(weight)
+    return _packed(*quantize_weight_int8(weight))
+
+
+def _grid(weight: torch.Tensor, options: object) -> ScalarGrid:
+    """One group per row: GPTQ fixes every row's scale at the first column, from the whole row."""
+    return ScalarGrid(weight.shape[1], lambda rows, _: (int8_scales(rows),), encode_int8, decode_int8,
+                      lambda qweight, scales: _packed(qweight, scales.flatten()))
+
+
+def _packed(qweight: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
     return PackedLinear(torch.ops.slimgraph.linear_int8.default, {"qweight": qweight, "scales": scales},
-                        bits_per_weight=8 + 32 / weight.shape[1])
+                        bits_per_weight=8 + 32 / qweight.shape[1])
 
 
 def _dequantize(packed: PackedLinear) -> torch.Tensor:
-    return packed.buffers["qweight"].float() * packed.buffers["scales"][:, None]
+    return decode_int8(packed.buffers["qweight"], packed.buffers["scales"][:, None])
 
 
-register_format(QuantFormat("int8", _pack, _dequantize))
+register_format(QuantFormat("int8", _pack, _dequantize, group_quantizer=grid_quantizer(_grid)))

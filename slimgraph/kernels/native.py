@@ -1,6 +1,6 @@
-"""Native CPU kernels for weight-only quantized linears, compiled on first use.
+"""Native CPU kernels for quantized linears and their helpers, compiled on first use.
 
-Batch-1 inference on a CPU is memory bound, so a linear that reads int8 or int4
+Batch-1 inference on a CPU is memory bound, so a linear that reads int8 or 4-bit
 weights and widens them in registers beats fp32 ``F.linear`` by roughly the ratio
 of bytes read (see ``benchmarks/native_gemv.py``). aten's ``_weight_int8pack_mm``
 does not: it is 5-20x slower than fp32 on AVX2 machines, hence this module.
@@ -16,7 +16,18 @@ use it when ``load()`` is ``None``::
     else:
         y = F.linear(x, qweight.float() * scales[:, None], bias)
 
-Both kernels take float32 ``x`` of any shape ``[..., in]`` and return float32
+The kernels, each also a function of this module that raises when ``load()`` is ``None``:
+
+* ``int8_linear``: int8 weights, one float32 scale per output row.
+* ``int4_linear``: 4-bit integer codes with float16 group scales and uint8 zero points.
+* ``lut4_linear``: 4-bit codes into a 16-entry table (NF4, HIGGS p=1, fp4 e2m1), scales
+  per group as float32, float16, e8m0 (uint8) or float8_e4m3fn.
+* ``lut8_linear``: one byte per weight (fp8) or per pair of weights (HIGGS p=2) into a
+  256-entry table, with the same group scales.
+* ``int8_dynamic_linear``: W8A8, activations quantized per row on the fly, exact int32 sums.
+* ``hadamard_rotate``: the randomised Hadamard rotation HIGGS applies to activations.
+
+The linears take float32 ``x`` of any shape ``[..., in]`` and return float32
 ``[..., out]``; batches of 16 rows and more go through a dequantize-a-tile-then-GEMM
 path inside the extension, so there is no batch size the caller must special-case.
 They are for inference: the output carries no autograd history.
@@ -37,7 +48,8 @@ import torch
 
 DISABLE_ENV = "SLIMGRAPH_NO_NATIVE"
 SOURCE = Path(__file__).parent / "csrc" / "quant_gemm.cpp"
-AVX2_FLAGS = ["-mavx2", "-mfma"]
+# F16C widens float16 scales in one instruction; every x86 CPU with AVX2 has it.
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
 _module: ModuleType | None = None
 _failure: str | None = None
@@ -99,6 +111,78 @@ def int4_linear(
     return _require().int4_linear(x, packed, scales, zeros, bias, group_size)
 
 
+def lut4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """``x @ (lut[codes] * scales).T + bias`` for 4-bit codes packed two per byte.
+
+    ``packed`` uint8 ``[out, in/2]`` (column ``2j`` in the low nibble, ``2j+1`` in the
+    high one, as for :func:`int4_linear`); ``lut`` float32 ``[16]`` maps a code to its
+    value; ``scales`` ``[out, in/group_size]`` is float32, float16, uint8 read as e8m0
+    (``2**(s - 127)``, 255 is NaN) or float8_e4m3fn. ``group_size`` is a multiple of 16.
+    Weight ``w[o, i] = lut[code(o, i)] * scales[o, i // group_size]``, so NF4 is::
+
+        >>> lut4_linear(x, packed, NF4_CODE, absmax, bias, 64)  # absmax float32 [out, in/64]
+    """
+    return _require().lut4_linear(x, packed, lut, scales, bias, group_size)
+
+
+def lut8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    lut: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """``x @ (lut[codes] * scales).T + bias`` with one byte per ``d`` weights.
+
+    ``lut`` float32 ``[256, d]`` with ``d`` 1 or 2; ``codes`` uint8 ``[out, in/d]``;
+    ``w[o, d*j + k] = lut[codes[o, j], k] * scales[o, (d*j + k) // group_size]`` with
+    ``scales`` as in :func:`lut4_linear`. fp8 weights are ``d = 1`` with the decoded
+    float8 table and one scale per row (``group_size = in``); the float8_e4m3fn table
+    is recognised and decoded arithmetically, twice as fast as table loads::
+
+        >>> table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        >>> lut8_linear(x, weight_fp8.view(torch.uint8), table[:, None], row_scales[:, None],
+        ...             None, x.shape[-1])
+    """
+    return _require().lut8_linear(x, codes, lut, scales, bias, group_size)
+
+
+def hadamard_rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``H_g (signs * x_group) / sqrt(g)`` for each group of ``g = signs.numel()`` entries.
+
+    ``signs`` float32 ``[g]`` of ±1, ``g`` a power of two from 2 to 4096 dividing
+    ``x.shape[-1]``; ``H_g`` is the Sylvester-ordered Walsh–Hadamard matrix. Equals
+    :func:`slimgraph.kernels.hadamard.rotate` on ``x.reshape(-1, g)`` (bit for bit:
+    same butterflies in the same order) in a few microseconds for a 2048-wide row.
+    """
+    return _require().hadamard_rotate(x, signs)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: ``x`` quantized to int8 per row on the fly, then an exact int32 matmul.
+
+    Per row ``s = max|x| / 127`` (1 for a zero row) and ``xq = round_half_even(x / s)``;
+    ``y = (xq @ qweight.T) * s * weight_scales + bias`` with the sum exact in int32.
+    ``qweight`` int8 ``[out, in]``, ``weight_scales`` float32 ``[out]``. The torch
+    reference, up to the rounding of the final scale multiply::
+
+        >>> s = x.abs().amax(-1, keepdim=True) / 127; s[s == 0] = 1
+        >>> xq = torch.round(x / s).clamp(-127, 127)
+        >>> (xq.long() @ qweight.long().T) * s * weight_scales + bias
+    """
+    return _require().int8_dynamic_linear(x, qweight, weight_scales, bias)
+
+
 def _require() -> ModuleType:
     module = load()
     if module is None:
@@ -110,7 +194,9 @@ def _require() -> ModuleType:
     return module
 
 
-def _build() -> ModuleType:
+def _build(avx2: bool | None = None) -> ModuleType:
+    """Compile the extension; ``avx2=None`` follows the CPU, ``False`` forces the scalar
+    loops (the tests use it to check the fallback on AVX2 machines)."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH)")
@@ -118,7 +204,9 @@ def _build() -> ModuleType:
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    simd = AVX2_FLAGS if _cpu_has_avx2() else []
+    if avx2 is None:
+        avx2 = _cpu_has_avx2()
+    simd = AVX2_FLAGS if avx2 else []
     return cpp_extension.load(
         name="slimgraph_quant_gemm" if simd else "slimgraph_quant_gemm_scalar",
         sources=[str(SOURCE)],

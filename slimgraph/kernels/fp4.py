@@ -1,0 +1,214 @@
+"""fp4: e2m1 weights (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6), two codes per byte, one scale per block.
+
+A code is the sign in bit 3 and the magnitude's index (0..7) in bits 0-2, packed
+like int4 (column ``2j`` in the low nibble). Two variants, after the hardware
+formats:
+
+- ``mx`` (OCP Microscaling MXFP4): blocks of 32 with an e8m0 scale, a uint8
+  exponent ``e`` meaning ``2**(e - 127)``. As in the MX spec the exponent is
+  ``floor(log2(amax)) - 2`` (2 = the exponent of e2m1's largest value, 6), so a
+  block's amax lands in [4, 8) and values above 6 saturate. Rounding the scale up
+  instead (amax / scale ≤ 6, nothing saturates) costs more: 0.01334 MSE on
+  N(0, 1) against 0.01322, the ≈0.0132 of REFERENCES.md. 4.25 bits per weight.
+- ``nv`` (NVFP4): blocks of 16 with a float8 e4m3 scale ``(amax / 6) / global``
+  and a float32 per-tensor ``global = amax(tensor) / (6 * 448)`` that keeps the
+  block scales inside e4m3's range. 4.5 bits per weight plus 32 per tensor.
+
+GPTQ (``kernels.gptq``) packs mx with the exponent that covers each block's amax
+(``e8m0_covering_exponents``) rather than the MX rule's, which saturates: see ``_grid``.
+
+Values round to the nearest e2m1 value, ties to the even code, as hardware does;
+negative values that round to zero keep their sign (code 8, -0.0). The CPU fast
+path is the native 4-bit lookup-table GEMV: the table is the e2m1 values (times
+``global`` for nv) and it reads the raw uint8 / float8 block scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.kernels import native
+from slimgraph.kernels.formats import PackedLinear, QuantFormat, register_format
+from slimgraph.kernels.gptq import ScalarGrid, grid_quantizer
+from slimgraph.kernels.int4 import pack_nibbles, unpack_nibbles
+
+E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_VALUES = torch.cat((E2M1_MAGNITUDES, -E2M1_MAGNITUDES))  # indexed by code; code 8 is -0.0
+E2M1_MAX = 6.0
+E2M1_MAX_EXPONENT = 2  # 6 = 1.5 * 2**2
+E8M0_BIAS = 127
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+BLOCK_SIZES = {"mx": 32, "nv": 16}
+SIGN_BIT = 8
+
+
+@dataclass(frozen=True)
+class Fp4Options:
+    variant: str = "mx"
+
+    def __post_init__(self) -> None:
+        if self.variant not in BLOCK_SIZES:
+            raise ValueError(f"fp4 variant={self.variant!r} is not one of {tuple(BLOCK_SIZES)}")
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK_SIZES[self.variant]
+
+
+def quantize_weight_fp4(weight: torch.Tensor, variant: str = "mx") -> dict[str, torch.Tensor | None]:
+    """``packed`` uint8 ``[out, in/2]``, ``scales`` ``[out, in/block]`` (uint8 e8m0 for mx,
+    float8_e4m3fn for nv) and ``global_scale`` (float32 ``[1]`` for nv, ``None`` for mx).
+
+        >>> quantize_weight_fp4(torch.full((1, 32), 3.0))["scales"]  # 3 = 1.5 * 2**1 → scale 2**(1 - 2)
+        tensor([[126]], dtype=torch.uint8)
+    """
+    blocks = weight.detach().float().reshape(weight.shape[0], -1, BLOCK_SIZES[variant])
+    global_scale = nv_global_scale(blocks) if variant == "nv" else None
+    scales = fp4_scales(blocks, global_scale)
+    codes = encode_fp4(blocks, scales[..., None], global_scale).reshape(weight.shape)
+    return {"packed": pack_nibbles(codes), "scales": scales, "global_scale": global_scale}
+
+
+def fp4_scales(blocks: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """Per-block scales of ``blocks [..., block]``: e8m0 exponents (mx, no global scale) or e4m3 (nv)."""
+    amax = blocks.abs().amax(dim=-1)
+    return e8m0_block_exponents(amax) if global_scale is None else nv_block_scales(amax, global_scale)
+
+
+def encode_fp4(values: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """e2m1 codes of ``values`` divided by their block's scale (``scales`` broadcasts against ``values``)."""
+    block_scales = _decoded_scales(scales) if global_scale is None else scales.float() * global_scale
+    # A block whose e4m3 scale underflowed to 0 dequantizes to 0 whatever its codes; divide by 1 instead.
+    return round_to_e2m1(values / torch.where(block_scales > 0, block_scales, 1.0))
+
+
+def decode_fp4(codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """``lut[code] * scale`` with ``lut`` the e2m1 values (times the global scale for nv)."""
+    return _lookup_table(global_scale).to(codes.device)[codes.long()] * _decoded_scales(scales)
+
+
+def e8m0_block_exponents(amax: torch.Tensor) -> torch.Tensor:
+    """The MX shared exponent ``floor(log2(amax)) - 2``, biased by 127, as uint8 (zero blocks get 2**-3)."""
+    _, exponent = torch.frexp(amax)  # amax = m * 2**exponent with m in [0.5, 1): exact floor(log2) = exponent - 1
+    shared = exponent - 1 - E2M1_MAX_EXPONENT
+    return (shared + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)  # 255 is e8m0's NaN
+
+
+def e8m0_covering_exponents(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest e8m0 exponent with ``amax / scale ≤ 6``, biased, as uint8: nothing saturates (GPTQ's choice).
+
+        >>> e8m0_covering_exponents(torch.tensor([6.0, 7.0]))  # 6 fits 2**0; 7 needs 2**1 (the MX rule: 2**0)
+        tensor([127, 128], dtype=torch.uint8)
+    """
+    mantissa, exponent = torch.frexp(amax / E2M1_MAX)  # amax / 6 = m * 2**exponent with m in [0.5, 1)
+    shared = exponent - (mantissa == 0.5).int()  # an exact power of two needs no rounding up
+    return (shared + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)
+
+
+def nv_global_scale(blocks: torch.Tensor) -> torch.Tensor:
+    """NVFP4's float32 ``[1]`` per-tensor scale ``amax / (6 * 448)``, which keeps block scales inside e4m3."""
+    tensor_amax = blocks.abs().amax()
+    return torch.where(tensor_amax > 0, tensor_amax / (E2M1_MAX * E4M3_MAX), 1.0).reshape(1)
+
+
+def nv_block_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 block scales with ``global * scale ≈ amax / 6``."""
+    return (amax / E2M1_MAX / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def decode_e8m0(exponents: torch.Tensor) -> torch.Tensor:
+    """uint8 ``e`` → float32 ``2**(e - 127)``, exactly (0 → 2**-127, a float32 subnormal)."""
+    return exponents.view(torch.float8_e8m0fnu).float()
+
+
+def round_to_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8, sign in bit 3) of the nearest e2m1 values, ties to the even code, saturating at ±6."""
+    magnitudes = values.abs().clamp(max=E2M1_MAX)
+    midpoints = (E2M1_MAGNITUDES[1:] + E2M1_MAGNITUDES[:-1]).to(values.device) / 2
+    below = torch.bucketize(magnitudes, midpoints)  # a tie goes to the smaller magnitude...
+    above = torch.bucketize(magnitudes, midpoints, right=True)  # ...or to the larger one
+    magnitude_codes = torch.where(below % 2 == 1, above, below)  # ties differ by one: keep the even code
+    return (magnitude_codes + SIGN_BIT * values.signbit()).to(torch.uint8)
+
+
+def dequantize_fp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
+                   group_size: int) -> torch.Tensor:
+    """``lut[code] * scale[block]`` with ``lut`` the e2m1 values (times the global scale for nv)."""
+    codes = unpack_nibbles(packed).reshape(packed.shape[0], -1, group_size)
+    return decode_fp4(codes, scales[..., None], global_scale).reshape(packed.shape[0], -1)
+
+
+@torch.library.custom_op("slimgraph::linear_fp4", mutates_args=())
+def linear_fp4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
+               bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """``x @ W.T + bias`` with W the dequantized fp4 weight; native lookup-table GEMV on CPU when built."""
+    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.lut4_linear(x.contiguous(), packed, _lookup_table(global_scale), scales, bias, group_size)
+    return F.linear(x, dequantize_fp4(packed, scales, global_scale, group_size).to(x.dtype), bias)
+
+
+@linear_fp4.register_fake
+def _(x, packed, scales, global_scale, bias, group_size):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _decoded_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales as float32: e8m0 exponents (uint8) decoded, e4m3 widened (without the global scale)."""
+    return decode_e8m0(scales) if scales.dtype == torch.uint8 else scales.float()
+
+
+def _lookup_table(global_scale: torch.Tensor | None) -> torch.Tensor:
+    """The 16 code values; nv folds its per-tensor scale in, so the kernel sees one scale per block."""
+    return E2M1_VALUES if global_scale is None else E2M1_VALUES.to(global_scale.device) * global_scale
+
+
+def _pack(weight: torch.Tensor, options: Fp4Options) -> PackedLinear:
+    return _packed(quantize_weight_fp4(weight, options.variant), weight.numel(), options)
+
+
+def _grid(weight: torch.Tensor, options: Fp4Options) -> ScalarGrid:
+    """nv's per-tensor scale is fixed from ``weight`` (its amax); each block's scale from its current values.
+
+    For mx, GPTQ takes the exponent that covers the block's amax instead of the MX rule's
+    (which saturates amaxes in (6, 8) × scale): GPTQ pushes each weight's error onto
+    the columns after it, and a saturated weight's large error, pushed onto inputs
+    that are rarely active, made MiniLM's embeddings worse than RTN's (mean cosine
+    0.93–0.95 against 0.961; 0.978–0.979 with covering exponents: benchmarks/gptq_minilm.py).
+    """
+    global_scale = nv_global_scale(weight.float()) if options.variant == "nv" else None
+
+    def scales(blocks: torch.Tensor, _: int) -> tuple[torch.Tensor]:
+        amax = blocks.abs().amax(dim=-1)
+        return (e8m0_covering_exponents(amax) if global_scale is None else nv_block_scales(amax, global_scale),)
+
+    def packed(codes: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
+        buffers = {"packed": pack_nibbles(codes), "scales": scales, "global_scale": global_scale}
+        return _packed(buffers, codes.numel(), options)
+
+    return ScalarGrid(options.block_size, scales, lambda values, scales: encode_fp4(values, scales, global_scale),
+                      lambda codes, scales: decode_fp4(codes, scales, global_scale), packed)
+
+
+def _packed(buffers: dict[str, torch.Tensor | None], numel: int, options: Fp4Options) -> PackedLinear:
+    bits = 4 + 8 / options.block_size + (32 / numel if options.variant == "nv" else 0)
+    return PackedLinear(torch.ops.slimgraph.linear_fp4.default, buffers, {"group_size": options.block_size},
+                        bits_per_weight=bits)
+
+
+def _dequantize(packed: PackedLinear) -> torch.Tensor:
+    b = packed.buffers
+    return dequantize_fp4(b["packed"], b["scales"], b["global_scale"], packed.params["group_size"])
+
+
+def _rejects(weight: torch.Tensor, options: Fp4Options) -> str | None:
+    if weight.shape[1] % options.block_size:
+        return (f"in_features={weight.shape[1]} is not divisible by the fp4 {options.variant} "
+                f"block size {options.block_size}")
+    return None
+
+
+register_format(QuantFormat("fp4", _pack, _dequantize, Fp4Options, _rejects, grid_quantizer(_grid)))
