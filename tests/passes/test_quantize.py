@@ -398,3 +398,32 @@ def test_llm_int8_pass_keeps_an_outlier_feature_accurate():
 def test_higgs_and_int8_activation_options_are_checked_when_the_pipeline_is_built(spec, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         slimgraph.Pipeline.parse(spec)
+
+
+# --- pretrained MiniLM on real sentences: the quality targets (benchmarks/quant_quality.py has the table) ---
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "target"), [
+    ("quantize(format=int8)", 0.999),
+    ("quantize(format=nf4, method=gptq)", 0.98),
+    ("quantize(format=int4, group_size=32, method=gptq)", 0.98),
+])
+def test_minilm_sentence_embeddings_on_224_sentences(spec, target):
+    model, tokenizer = models.minilm()
+    texts = models.sentences(224 + 64)
+    batches = [dict(tokenizer(texts[i:i + 32], padding="max_length", truncation=True, max_length=64,
+                              return_tensors="pt")) for i in range(0, len(texts), 32)]
+    scored, calibration = batches[:7], batches[7:]  # calibrate on other sentences than those scored
+    optimized = slimgraph.optimize(model, f"cleanup, {spec}", example_kwargs=scored[0], calibration=calibration)
+
+    def embed(module):
+        with torch.no_grad():
+            pooled = []
+            for batch in scored:
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled.append((module(**batch).last_hidden_state * mask).sum(1) / mask.sum(1))
+            return torch.cat(pooled)
+
+    cosine = torch.nn.functional.cosine_similarity(embed(optimized), embed(model))
+    assert cosine.numel() == 224
+    assert cosine.mean() >= target
