@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from quant_quality import embed  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
 from slimgraph import models
@@ -96,17 +97,6 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
         "rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
-
-
-def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Mean-pooled sentence embeddings (padding masked out), as sentence-transformers computes them."""
-    outputs = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            outputs.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(outputs)
 
 
 def collect_hessians(model: nn.Module, linears: dict[str, nn.Linear], batches: list[dict],

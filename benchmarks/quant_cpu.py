@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from native_gemv import memcpy_bandwidth_gbs  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
 import slimgraph
@@ -58,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     if native.load() is None:
         warnings.warn("native kernels unavailable: slimgraph formats run their torch reference", stacklevel=1)
-    read_gbs = read_bandwidth_gbs()
+    read_gbs = memcpy_bandwidth_gbs()
     rows = []
     for model_name in args.models:
         for batch in args.batches:
@@ -174,18 +175,6 @@ def interleaved_medians(variants: dict[str, tuple[nn.Module, torch.Tensor]], run
                 if round_index >= 2:
                     samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def read_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes read per second by a 256 MB ``copy_`` (read + write both counted), best of 5."""
-    source = torch.ones(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * 4 / best / 1e9
 
 
 def print_table(rows: list[dict], read_gbs: float) -> None:
