@@ -49,6 +49,17 @@ def _(x, qweight, scales, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.custom_op("slimgraph::embedding_int8", mutates_args=())
+def embedding_int8(indices: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``weight[indices]`` of an int8 table with one scale per row: only the rows looked up are widened."""
+    return qweight[indices].float() * scales[indices].unsqueeze(-1)
+
+
+@embedding_int8.register_fake
+def _(indices, qweight, scales):
+    return scales.new_empty((*indices.shape, qweight.shape[1]))
+
+
 def _pack(weight: torch.Tensor, options: object) -> PackedLinear:
     return _packed(*quantize_weight_int8(weight))
 

@@ -17,6 +17,9 @@ own options win. ``+lorc`` adds a rank-``rank`` correction of the quantization e
 - ``overrides=['REGEX:SPEC', 'REGEX:skip']``: per layer, the first entry whose regex
   matches the layer's path as the report shows it (``re.search``) wins, over
   ``include``/``exclude``, the head rule and ``min_features``.
+- ``embeddings=true``: embedding tables become int8 rows (``slimgraph::embedding_int8``,
+  one scale per row, only the rows looked up are widened); a table also read elsewhere
+  (tied to an output head) stays float, with the reason in the notes.
 - ``method=gptq``: choose the codes with GPTQ (``kernels/gptq.py``) from the Gram
   matrix of each layer's input on ``optimize(..., calibration=...)``, instead of
   rounding to nearest: same bits, lower output error.
@@ -47,8 +50,9 @@ from torch import nn
 
 from slimgraph.errors import PipelineError
 from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
-from slimgraph.ir.views import LinearView
+from slimgraph.ir.views import EmbeddingView, LinearView
 from slimgraph.kernels import FORMATS
+from slimgraph.kernels.int8 import quantize_weight_int8
 from slimgraph.passes.activations import gram, input_statistics
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.quantize_plan import (
@@ -92,6 +96,7 @@ class Quantize(Pass):
     budget_bits: float | None = None
     formats: tuple[str, ...] = ()  # the planner's candidates (default int8, int4, nf4)
     method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ on calibration inputs
+    embeddings: bool = False  # also store embedding tables as int8 rows (one scale per row)
     include: str = ""
     exclude: str = ""
     quantize_head: bool = False
@@ -162,9 +167,13 @@ class Quantize(Pass):
         for node in list(gm.graph.nodes):  # matched again: earlier rewrites changed the inputs
             if node.name in by_node and (view := LinearView.match(node)) is not None:
                 _rewrite(gm, view, by_node[node.name].chosen)
-        dead_nodes, freed = eliminate_dead_code(gm) if quantized else (0, 0)
+        tables = quantize_embeddings(gm) if self.embeddings else []
+        dead_nodes, freed = eliminate_dead_code(gm) if quantized or tables else (0, 0)
         stats = self._measure(gm, ctx, plan) if plan else {}
-        return _result(layers, rules, stats, dead_nodes, freed)
+        result = _result(layers, rules, stats, dead_nodes, freed)
+        result.notes += [f"embedding {path}: {note}" for path, note in tables]
+        result.stats["embeddings"] = dict(tables)
+        return result
 
     def _plan(self, gm: fx.GraphModule, ctx: PassContext, quantized: list[_Layer]) -> MixedPrecisionPlan:
         """Choose each layer's encoding under ``budget_bits`` (``quantize_plan.py``)."""
@@ -368,6 +377,37 @@ def _rewrite(gm: fx.GraphModule, view: LinearView, encoded: EncodedWeight) -> No
                                                (new, x, nodes["lorc_u"], nodes["lorc_v"]))
         new.replace_all_uses_with(corrected, delete_user_cb=lambda user: user is not corrected)
         corrected.meta.update({k: v for k, v in new.meta.items() if k != "slimgraph_replaces"})
+
+
+def quantize_embeddings(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Embedding lookups → ``slimgraph::embedding_int8`` over int8 rows; ``[(path, what happened)]``.
+
+    A table read anywhere else (tied to an output head, sliced by another op) stays float:
+    quantizing it would keep both copies.
+    """
+    done = []
+    for view in [v for v in map(EmbeddingView.match, gm.graph.nodes) if v is not None]:
+        path, weight = view.module_path or view.node.name, view.weight
+        readers = len(view.weight_ref.node.users) if view.weight_ref.node is not None else 1
+        if readers > 1 or not weight.is_floating_point() or weight.is_meta:
+            reason = f"table read by {readers} nodes (tied)" if readers > 1 else f"{weight.dtype} table"
+            done.append((path, f"skipped: {reason}"))
+            continue
+        qweight, scales = quantize_weight_int8(weight)
+        holder_name = unique_attribute_name(gm, re.sub(r"\W", "_", path) + "_int8_")
+        holder = nn.Module()
+        holder.register_buffer("qweight", qweight)
+        holder.register_buffer("scales", scales)
+        gm.add_submodule(holder_name, holder)
+        with gm.graph.inserting_before(view.node):
+            args = (view.indices, *(_get_attr(gm, f"{holder_name}.{name}", t) for name, t in
+                                    (("qweight", qweight), ("scales", scales))))
+        value = view.node.meta.get("val")
+        new = view.replace_with(torch.ops.slimgraph.embedding_int8.default, args)
+        if value is not None:
+            new.meta["val"] = value
+        done.append((path, f"int8 rows, {8 + 32 / weight.shape[1]:.3f} bits/weight"))
+    return done
 
 
 def _get_attr(gm: fx.GraphModule, target: str, tensor: torch.Tensor | None) -> fx.Node | None:

@@ -427,3 +427,39 @@ def test_minilm_sentence_embeddings_on_224_sentences(spec, target):
     cosine = torch.nn.functional.cosine_similarity(embed(optimized), embed(model))
     assert cosine.numel() == 224
     assert cosine.mean() >= target
+
+
+# --- embeddings=true: embedding tables as int8 rows ---
+
+class Lookup(nn.Module):
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.tokens, self.proj = nn.Embedding(100, 64), nn.Linear(64, 64)
+        self.tied = tied
+
+    def forward(self, ids):
+        hidden = self.proj(self.tokens(ids))
+        return hidden @ self.tokens.weight.T if self.tied else hidden  # tied: the table is also an output head
+
+
+def test_embedding_tables_become_int8_rows(tmp_path):
+    model, ids = Lookup().eval(), torch.randint(0, 100, (2, 7))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimized = slimgraph.optimize(model, "quantize(format=int8, embeddings=true)", (ids,), strict=True)
+    record = optimized.report.records[0]
+    assert "embedding tokens: int8 rows, 8.500 bits/weight" in record.result.notes
+    assert any(n.target is torch.ops.slimgraph.embedding_int8.default for n in optimized.graph.nodes)
+    assert relative_error(optimized(ids), model(ids)) < 0.01
+    assert record.param_bytes_after < 0.3 * record.param_bytes_before
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    exported = torch.export.export(optimized, (ids,)).module()
+    assert torch.equal(exported(ids), optimized(ids))
+    slimgraph.save(optimized, tmp_path / "m.safetensors")
+    assert torch.equal(slimgraph.load(tmp_path / "m.safetensors")(ids), optimized(ids))
+
+
+def test_tied_embedding_tables_stay_float_with_the_reason():
+    model, ids = Lookup(tied=True).eval(), torch.randint(0, 100, (2, 7))
+    optimized = slimgraph.optimize(model, "quantize(format=int8, embeddings=true)", (ids,), strict=True)
+    assert "embedding tokens: skipped: table read by 2 nodes (tied)" in optimized.report.records[0].result.notes
+    assert relative_error(optimized(ids), model(ids)) < 0.01
