@@ -143,13 +143,25 @@ def _flops_rule(node: fx.Node) -> Callable | None:
         return _RULES.get(type(module))
     if _is_packed_linear(node.target):
         return _matmul_flops  # x @ W.T from packed weights: 2 · out elements · in_features
+    if _is_slimgraph_op(node.target, "lorc_correction"):
+        return _low_rank_flops
     return _RULES.get(node.target)
 
 
 def _is_packed_linear(target: Any) -> bool:
     """slimgraph's quantized linears (``slimgraph::linear_int8`` …); their first argument is x."""
+    return _is_slimgraph_op(target, "linear_")
+
+
+def _is_slimgraph_op(target: Any, prefix: str) -> bool:
     return (isinstance(target, torch._ops.OpOverload) and target.namespace == "slimgraph"
-            and target._opname.startswith("linear_"))
+            and target._opname.startswith(prefix))
+
+
+def _low_rank_flops(node, out, args, names):
+    """``y + (x @ v.T) @ u.T`` with ``u [out, r]``: 2·r FLOPs per element of x and of the output."""
+    rank = symbolic_size(args[2].shape[-1], names)
+    return 2 * rank * (_numel(args[1], names) + _numel(out, names))
 
 
 def _is_view(node: fx.Node, out: Any) -> bool:

@@ -463,3 +463,12 @@ def test_tied_embedding_tables_stay_float_with_the_reason():
     optimized = slimgraph.optimize(model, "quantize(format=int8, embeddings=true)", (ids,), strict=True)
     assert "embedding tokens: skipped: table read by 2 nodes (tied)" in optimized.report.records[0].result.notes
     assert relative_error(optimized(ids), model(ids)) < 0.01
+
+
+def test_cost_model_counts_the_low_rank_correction():
+    from slimgraph.ir.cost import node_cost
+
+    model, x = Stack().eval(), torch.randn(4, 128)
+    optimized = slimgraph.optimize(model, "quantize(format=nf4+lorc, rank=8, include=down)", (x,), strict=True)
+    correction = next(n for n in optimized.graph.nodes if n.target is torch.ops.slimgraph.lorc_correction.default)
+    assert node_cost(correction).flops == 2 * 8 * (4 * 256 + 4 * 128)  # x [4, 256] → r=8 → y [4, 128]
