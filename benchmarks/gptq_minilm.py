@@ -18,7 +18,8 @@ batches of 32 padded to 64 tokens, mean pooling over the attention mask.
 
     .venv/bin/python benchmarks/gptq_minilm.py [--formats nf4 int4-g32 ...] [--methods rtn gptq ...]
 
-Writes benchmarks/results/gptq_minilm.json and prints a Markdown table.
+Writes benchmarks/results/gptq_minilm.json and prints a Markdown table. Rows of earlier
+runs for other (format, method) pairs are kept, so one format can be re-run on its own.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ FORMAT_OPTIONS = {
     "int4-g128": ("int4", {"group_size": 128}),
     "fp4-mx": ("fp4", {"variant": "mx"}),
     "fp4-nv": ("fp4", {"variant": "nv"}),
+    "higgs-p1-g128": ("higgs", {"bits": 4, "p": 1, "group_size": 128}),  # GPTQ in the rotated basis
 }
 METHODS = ("rtn", "gptq", "gptq-real", "gptq-seq")
 
@@ -89,6 +91,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         restore(linears, original)
     print_table(rows, args.methods)
+    rows = merged_with_earlier_rows(rows)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "calibration_sentences": len(calibration) * BATCH,
@@ -97,6 +100,15 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
         "rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
+
+
+def merged_with_earlier_rows(rows: list[dict]) -> list[dict]:
+    """The saved rows with this run's replacing those of the same (format, method), in format order."""
+    earlier = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    key = lambda row: (row["format"], row["method"])  # noqa: E731
+    merged = {key(row): row for row in earlier} | {key(row): row for row in rows}
+    order = {label: index for index, label in enumerate(FORMAT_OPTIONS)}
+    return sorted(merged.values(), key=lambda row: (order.get(row["format"], len(order)), METHODS.index(row["method"])))
 
 
 def collect_hessians(model: nn.Module, linears: dict[str, nn.Linear], batches: list[dict],

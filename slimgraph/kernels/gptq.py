@@ -17,25 +17,23 @@ scales when GPTQ reaches the group's first column, from that group's *current*
 as a :class:`ScalarGrid` (scales, encode, decode, pack) and take
 ``grid_quantizer(make_grid)``; their RTN packer calls the same scale and encode
 functions, so an identity Hessian gives exactly the RTN buffers (except fp4 mx,
-whose GPTQ scales do not saturate: see ``fp4._grid``). int4, nf4, fp4, int8 and
-fp8 support GPTQ (int8 and fp8 have one scale per row: a group is the whole row).
+whose GPTQ scales do not saturate: see ``fp4._grid``). int4, nf4, fp4, int8,
+fp8 and higgs (p=1) support GPTQ (int8 and fp8 have one scale per row: a group is the whole row).
 
 Hessians from the *original* model's activations, all layers in one calibration
 run, are as good as the paper's sequential ones (each from the already-quantized
-layers before it): on MiniLM, within 0.001 mean cosine for nf4, int4 and fp4
+layers before it): on MiniLM, within 0.001 mean cosine for nf4, int4, fp4 and higgs
 (``benchmarks/gptq_minilm.py``). Count real tokens only where a mask is known:
 padding tokens cost about 0.001 there.
 
-HIGGS p=1 can join without changing this loop by quantizing in its rotated basis.
-Its rotation ``R`` is block-diagonal (one orthonormal ``diag(signs)·Hadamard/√g``
-block per group) and ``X·Wᵀ = (X·R)·(W·R)ᵀ``, so GPTQ on ``W' = W·R`` with
-``H' = Rᵀ·H·R`` minimises the same output error. Its quantizer's ``fix_scales``
-takes the group RMS of the rotated current columns, ``round`` is RMS × the nearest
-Lloyd–Max level, and ``pack`` stores the rotated codes as HIGGS already does. What
-``gptq_pack`` would need: the quantizer exposes ``rotation`` (``R``; ``None`` for the
-formats here), ``gptq_pack`` rotates the weight and Hessian after the dead-column
-fix (in the original basis), and compares ``pack(Q')`` with ``Q'`` in the rotated
-basis, where HIGGS's codes are exact.
+HIGGS p=1 quantizes in its rotated basis without changing this loop. Its rotation
+``R`` is block-diagonal (one orthonormal ``diag(signs)·Hadamard/√g`` block per group)
+and ``X·Wᵀ = (X·R)·(W·R)ᵀ``, so GPTQ on ``W' = W·R`` with ``H' = Rᵀ·H·R`` minimises
+the same output error. A quantizer whose ``rotation`` is not ``None`` (a
+:class:`BasisRotation`) gets its weight and Hessian rotated after the dead-column
+fix (made in the original basis), and ``pack(Q')`` is checked against ``Q'`` in the
+rotated basis, where HIGGS's codes × scales are exact; ``dequantize`` un-rotates as
+for RTN. HIGGS p=2 (pairs on a 2-D grid) is RTN only: its quantizer refuses p=2.
 """
 
 from __future__ import annotations
@@ -86,12 +84,20 @@ def gptq_pack(fmt: QuantFormat, weight: torch.Tensor, hessian: torch.Tensor, opt
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     weight[:, dead] = 0.0
+    try:
+        quantizer = fmt.group_quantizer(weight, options)
+    except ValueError as error:
+        raise ValueError(f"GPTQ{where}: {error}") from error
+    rotation = quantizer.rotation
+    if rotation is not None:
+        weight = rotation.rotate(weight)
+        hessian = rotation.rotate(rotation.rotate(hessian).T).T  # Rᵀ·H·R = ((H·R)ᵀ·R)ᵀ, H symmetric
     inverse_cholesky = _inverse_hessian_cholesky(hessian, damp, tuple(weight.shape), where).float()
-    quantizer = fmt.group_quantizer(weight, options)
     quantized = _gptq_columns(weight, inverse_cholesky, quantizer, block_size)
     packed = quantizer.pack(quantized)
     packed.format = fmt.name
-    if not torch.equal(fmt.dequantize(packed), quantized):
+    stored = fmt.dequantize(packed) if rotation is None else rotation.dequantize(packed)
+    if not torch.equal(stored, quantized):
         raise RuntimeError(f"GPTQ{where}: format '{fmt.name}': its quantizer's pack(Q) does not dequantize to Q; "
                            "its round and pack must use the same scales and grid")
     return packed
@@ -115,12 +121,29 @@ class GroupQuantizer(Protocol):
     """
 
     group_size: int
+    rotation: BasisRotation | None
 
     def fix_scales(self, group: torch.Tensor, start: int) -> None: ...
 
     def round(self, columns: torch.Tensor, start: int) -> torch.Tensor: ...
 
     def pack(self, quantized: torch.Tensor) -> PackedLinear: ...
+
+
+class BasisRotation(Protocol):
+    """An orthonormal ``R [in, in]`` that a format quantizes in (HIGGS's grouped randomised Hadamard).
+
+    ``rotate(x)`` is ``x·R`` over the last dim, in ``x``'s dtype; ``dequantize(packed)``
+    is the packed weight in the rotated basis, computed exactly as the format's op
+    multiplies rotated activations by it (so GPTQ can check ``pack(Q') == Q'`` bit for bit)::
+
+        rotation = FORMATS["higgs"].group_quantizer(w, HiggsOptions()).rotation
+        rotation.dequantize(packed)  # == rotation.rotate(FORMATS["higgs"].dequantize(packed)), up to rounding
+    """
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize(self, packed: PackedLinear) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -131,8 +154,11 @@ class ScalarGrid:
       tensors or ``None``) of ``groups [out, G, group_size]``, whose first group is
       group ``first_group`` of its row (for constants that depend on the position);
     - ``encode(values, *params)``: codes, with ``params`` broadcast against ``values``;
-    - ``decode(codes, *params)``: values, computed exactly as the format's dequantize;
-    - ``packed(codes [out, in], *params)``: the ``PackedLinear``.
+    - ``decode(codes, *params)``: values, computed exactly as the format's dequantize
+      (``rotation.dequantize`` for a rotated grid);
+    - ``packed(codes [out, in], *params)``: the ``PackedLinear``;
+    - ``rotation``: the basis the grid lives in, or ``None`` for the weight's own
+      (see :class:`BasisRotation`); GPTQ then hands every function rotated columns.
     """
 
     group_size: int
@@ -140,6 +166,7 @@ class ScalarGrid:
     encode: Callable[..., torch.Tensor]
     decode: Callable[..., torch.Tensor]
     packed: Callable[..., PackedLinear]
+    rotation: BasisRotation | None = None
 
 
 def grid_quantizer(make_grid: Callable[[torch.Tensor, Any], ScalarGrid]
@@ -152,7 +179,7 @@ class GridQuantizer:
     """The ``GroupQuantizer`` of a ``ScalarGrid``: remembers each group's scales as GPTQ fixes them."""
 
     def __init__(self, grid: ScalarGrid, shape: torch.Size) -> None:
-        self.grid, self.group_size = grid, grid.group_size
+        self.grid, self.group_size, self.rotation = grid, grid.group_size, grid.rotation
         self.shape = tuple(shape)
         self.params: tuple[torch.Tensor | None, ...] = ()
         self.fixed = [False] * (shape[1] // grid.group_size)

@@ -245,5 +245,5 @@ def test_gptq_needs_calibration_and_a_format_that_supports_it():
     model, x = Correlated().eval(), torch.randn(4, 64)
     with pytest.raises(PassError, match=r"^pass 'quantize': method=gptq needs calibration inputs .* calibration=\[batch"):
         slimgraph.optimize(model, "quantize(format=nf4, method=gptq)", (x,), strict=True)
-    with pytest.raises(PipelineError, match="format 'higgs' rounds to nearest only; GPTQ works with .*int4"):
-        slimgraph.Pipeline.parse("quantize(format=higgs, method=gptq)")
+    with pytest.raises(PipelineError, match="format 'w8a8' rounds to nearest only; GPTQ works with .*higgs.*int4"):
+        slimgraph.Pipeline.parse("quantize(format=w8a8, method=gptq)")
