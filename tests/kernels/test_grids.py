@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from weight_samples import sample_weights
 
 from slimgraph.kernels import grids
 from slimgraph.kernels.grids import (
@@ -126,20 +127,6 @@ def test_compute_vector_grid_2d_rejects_codes_wider_than_a_byte():
 # -- HIGGS ---------------------------------------------------------------------------------
 
 
-def _weights(kind: str) -> torch.Tensor:
-    rng = np.random.default_rng(0)
-    shape = (1024, 4096)
-    if kind == "gaussian":
-        w = rng.standard_normal(shape)
-    elif kind == "laplace":
-        w = rng.laplace(size=shape)
-    elif kind == "student_t3":
-        w = rng.standard_t(3, size=shape)
-    else:  # gaussian with 0.1% of entries ×20
-        w = rng.standard_normal(shape)
-        outliers = rng.choice(w.size, size=w.size // 1000, replace=False)
-        w.flat[outliers] *= 20
-    return torch.from_numpy(w).float() * 0.02
 
 
 def _relative_mse(w: torch.Tensor, p: int, bits: int = 4, group_size: int = 1024) -> float:
@@ -153,12 +140,12 @@ DISTRIBUTIONS = ["gaussian", "laplace", "student_t3", "gaussian_outliers"]
 
 @pytest.mark.parametrize("kind", DISTRIBUTIONS)
 def test_higgs_4_bit_scalar_relative_mse(kind):
-    assert _relative_mse(_weights(kind), p=1) <= 0.0096
+    assert _relative_mse(sample_weights(kind), p=1) <= 0.0096
 
 
 @pytest.mark.parametrize("kind", DISTRIBUTIONS)
 def test_higgs_4_bit_pairs_relative_mse(kind):
-    assert _relative_mse(_weights(kind), p=2) <= 0.0082
+    assert _relative_mse(sample_weights(kind), p=2) <= 0.0082
 
 
 @pytest.mark.parametrize(("p", "bits"), [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)])

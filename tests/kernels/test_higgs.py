@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from weight_samples import sample_weights
 
 from slimgraph.kernels import FORMATS, native
 from slimgraph.kernels.higgs import HiggsOptions, pack_bits, unpack_bits
@@ -95,26 +95,11 @@ def test_seed_picks_the_stored_signs():
 # -- quality (the targets; group_size 128, the default) --------------------------------
 
 
-@functools.cache
-def _weights(kind: str) -> torch.Tensor:
-    rng = np.random.default_rng(0)
-    shape = (1024, 4096)
-    if kind == "gaussian":
-        w = rng.standard_normal(shape)
-    elif kind == "laplace":
-        w = rng.laplace(size=shape)
-    elif kind == "student_t3":
-        w = rng.standard_t(3, size=shape)
-    else:  # gaussian with 0.1% of entries ×20
-        w = rng.standard_normal(shape)
-        outliers = rng.choice(w.size, size=w.size // 1000, replace=False)
-        w.flat[outliers] *= 20
-    return torch.from_numpy(w).float() * 0.02
 
 
 @functools.cache
 def _relative_mse(name: str, kind: str, **options) -> float:
-    w = _weights(kind)
+    w = sample_weights(kind)
     w_hat = FORMATS[name].dequantize(FORMATS[name].pack(w, **options))
     return ((w - w_hat).pow(2).sum() / w.pow(2).sum()).item()
 
