@@ -145,7 +145,7 @@ def dequantize_fp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: tor
 def linear_fp4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
                bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized fp4 weight; native lookup-table GEMV on CPU when built."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         return kernels.lut4_linear(x.contiguous(), packed, _lookup_table(global_scale), scales, bias, group_size)
     return F.linear(x, dequantize_fp4(packed, scales, global_scale, group_size).to(x.dtype), bias)

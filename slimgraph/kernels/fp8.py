@@ -70,7 +70,7 @@ def decode_fp8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (float(qweight) * scales[:, None]).T + bias``; native lookup-table GEMV on CPU when built."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         return kernels.lut8_linear(x.contiguous(), qweight.view(torch.uint8), BYTE_LUTS[qweight.dtype],
                                    scales[:, None], bias, qweight.shape[1])

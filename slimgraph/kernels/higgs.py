@@ -116,7 +116,7 @@ def dequantize_higgs(codes: torch.Tensor, scales: torch.Tensor, signs: torch.Ten
 def linear_higgs(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signs: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int, bits: int, p: int) -> torch.Tensor:
     """``rotate_groups(x) @ (grid[codes] * scales).T + bias``; native rotation + lookup-table GEMV on CPU."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         rotated = kernels.hadamard_rotate(x.contiguous(), signs.float())
         if p == 1 and bits == 4:

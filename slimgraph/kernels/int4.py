@@ -87,7 +87,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized int4 weight; native GEMV on CPU when built."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         return kernels.int4_linear(x.contiguous(), packed, scales, zeros, bias, group_size)
     return F.linear(x, dequantize_int4(packed, scales, zeros, group_size).to(x.dtype), bias)

@@ -38,7 +38,7 @@ def decode_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (qweight * scales[:, None]).T + bias``; native AVX2 GEMV on CPU when built."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         return kernels.int8_linear(x.contiguous(), qweight, scales, bias)
     return F.linear(x, qweight.to(x.dtype) * scales[:, None].to(x.dtype), bias)

@@ -83,6 +83,15 @@ def load() -> ModuleType | None:
     return _module
 
 
+def for_input(x: torch.Tensor) -> ModuleType | None:
+    """The kernels when they can take ``x`` (float32 on the CPU), else ``None``: the ops' one dispatch test.
+
+        >>> kernels = for_input(x)
+        >>> y = kernels.int8_linear(x, q, s, b) if kernels is not None else reference(x)
+    """
+    return load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -92,7 +92,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, absmax_scales: to
 def linear_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax_scales: torch.Tensor | None,
                absmax_mean: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized NF4 weight; native lookup-table GEMV on CPU when built."""
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         if absmax_scales is not None:
             absmax = _dequantize_absmax(absmax, absmax_scales, absmax_mean)

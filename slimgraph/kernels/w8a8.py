@@ -107,7 +107,7 @@ def int8_matmul(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 def _dynamic_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
-    kernels = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    kernels = native.for_input(x)
     if kernels is not None:
         return kernels.int8_dynamic_linear(x.contiguous(), qweight, scales, bias)
     xq, x_scales = quantize_rows_int8(x.reshape(-1, x.shape[-1]))
