@@ -5,7 +5,7 @@ weights and widens them in registers beats fp32 ``F.linear`` by roughly the rati
 of bytes read (see ``benchmarks/native_gemv.py``). aten's ``_weight_int8pack_mm``
 does not: it is 5-20x slower than fp32 on AVX2 machines, hence this module.
 
-``load()`` compiles ``csrc/quant_gemm.cpp`` with the system C++ compiler (AVX2/FMA
+``load()`` compiles ``csrc/*.cpp`` with the system C++ compiler (AVX2/FMA
 inner loops when the CPU has them, scalar loops otherwise) and returns the module,
 or ``None`` when it cannot, after one warning. Callers keep a torch reference and
 use it when ``load()`` is ``None``::
@@ -47,7 +47,9 @@ from types import ModuleType
 import torch
 
 DISABLE_ENV = "SLIMGRAPH_NO_NATIVE"
-SOURCE = Path(__file__).parent / "csrc" / "quant_gemm.cpp"
+CSRC = Path(__file__).parent / "csrc"
+# common.h (scale readers, threading drivers) + one file per kernel family + the Python module.
+SOURCES = ("int8_linear.cpp", "lut_linear.cpp", "hadamard.cpp", "module.cpp")
 # F16C widens float16 scales in one instruction; every x86 CPU with AVX2 has it.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
@@ -218,7 +220,7 @@ def _build(avx2: bool | None = None) -> ModuleType:
     simd = AVX2_FLAGS if avx2 else []
     return cpp_extension.load(
         name="slimgraph_quant_gemm" if simd else "slimgraph_quant_gemm_scalar",
-        sources=[str(SOURCE)],
+        sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=["-O3", *simd, "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,

@@ -1,0 +1,263 @@
+// Shared by the native kernels of slimgraph.kernels.native: includes, the group
+// scale readers, and the drivers that spread a linear's output rows over threads.
+//
+// Batch-1 inference on a CPU is memory bound: the time goes into reading the
+// weight, so reading 1 (int8, fp8) or 0.5 (4-bit) bytes per weight instead of 4 is
+// the whole speedup. The kernels therefore dequantize in registers, never in memory:
+//
+//   * OpenMP splits the output rows (one weight row each) across threads, in
+//     dynamic chunks: on a busy machine a statically assigned thread that is
+//     not scheduled stalls the whole call for a time slice (measured 8-12 ms).
+//   * The inner loops widen weights to fp32 with AVX2 and FMA them into the
+//     activations (scalar loops when built without AVX2, and for k tails).
+//   * Up to ROWS_PER_PASS rows of x share one pass over the weights, so a
+//     batch of M reads the weight ceil(M / 4) times, all passes in one parallel
+//     region (see gemv).
+//   * From LARGE_M rows on, the work is compute bound instead: each thread
+//     dequantizes a tile of weight rows to fp32 and at::mm (a blocked GEMM)
+//     multiplies it (run_linear), so no caller needs a fallback for large batches.
+//
+// Summation order differs from the torch reference (x @ W.T); results agree to
+// fp32 rounding, not bit for bit. Each weight itself is dequantized with the
+// reference's roundings (lut[code] * scale).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t ROWS_PER_PASS = 4;
+constexpr int64_t LARGE_M = 16;
+constexpr int64_t TILE_OUT = 64;  // weight rows dequantized per at::mm call
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+#ifdef __AVX2__
+float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ---- group scales: decoded where they are used ------------------------------
+
+// A group's scale is decoded next to the FMAs, so a call never writes an fp32 copy of
+// the scales first: with group 16 that copy would add half the 4-bit weight traffic.
+struct Float32Scales {
+  const float* data;
+  float operator[](int64_t i) const { return data[i]; }
+  Float32Scales shifted(int64_t n) const { return {data + n}; }
+};
+
+struct Float16Scales {
+  const at::Half* data;
+  float operator[](int64_t i) const { return static_cast<float>(data[i]); }
+  Float16Scales shifted(int64_t n) const { return {data + n}; }
+};
+
+// One byte per scale, decoded by a 256-entry table: e8m0 (MX) or float8_e4m3fn (NVFP4).
+struct ByteScales {
+  const uint8_t* data;
+  const float* table;
+  float operator[](int64_t i) const { return table[data[i]]; }
+  ByteScales shifted(int64_t n) const { return {data + n, table}; }
+};
+
+// e8m0: the byte is a biased exponent, 2**(s - 127); 255 encodes NaN.
+const float* e8m0_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> values{};
+    for (int s = 0; s < 256; ++s)
+      values[s] = s == 255 ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.0f, s - 127);
+    return values;
+  }();
+  return table.data();
+}
+
+// float8_e4m3fn decoded by c10 itself, so the kernels agree with scales.float() bit for bit.
+const float* e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> values{};
+    for (int bits = 0; bits < 256; ++bits)
+      values[bits] = static_cast<float>(
+          c10::Float8_e4m3fn(static_cast<uint8_t>(bits), c10::Float8_e4m3fn::from_bits()));
+    return values;
+  }();
+  return table.data();
+}
+
+void check_scales(const at::Tensor& scales, int64_t N, int64_t groups, const char* op) {
+  auto type = scales.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kByte ||
+                  type == at::kFloat8_e4m3fn,
+              op, ": scales must be float32, float16, uint8 (e8m0) or float8_e4m3fn, got ", type,
+              ".");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == groups, op,
+              ": scales must be [out, in/group_size] = [", N, ", ", groups, "], got ",
+              scales.sizes(), ".");
+}
+
+// Calls body(reader) with the reader type that matches the scales' dtype.
+template <typename Body>
+void with_scales(const at::Tensor& scales, Body&& body) {
+  switch (scales.scalar_type()) {
+    case at::kFloat: body(Float32Scales{scales.data_ptr<float>()}); break;
+    case at::kHalf: body(Float16Scales{scales.data_ptr<at::Half>()}); break;
+    case at::kByte: body(ByteScales{scales.data_ptr<uint8_t>(), e8m0_table()}); break;
+    default:
+      body(ByteScales{static_cast<const uint8_t*>(scales.data_ptr()), e4m3_table()});
+      break;
+  }
+}
+
+int64_t check_group_size(int64_t group_size, int64_t K, const char* op) {
+  TORCH_CHECK(group_size > 0 && group_size % 16 == 0 && K % group_size == 0, op,
+              ": group_size=", group_size, " must be a multiple of 16 that divides in_features=",
+              K, ".");
+  return K / group_size;
+}
+
+// ---- drivers ---------------------------------------------------------------
+
+// Calls kernel(std::integral_constant<int, R>, m) for blocks of up to ROWS_PER_PASS rows.
+template <typename Kernel>
+void for_row_blocks(int64_t M, Kernel&& kernel) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) kernel(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: kernel(std::integral_constant<int, 3>{}, m); break;
+    case 2: kernel(std::integral_constant<int, 2>{}, m); break;
+    case 1: kernel(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Small M: kernel(rows, m, o) computes y[m .. m + R, o] for an R-row block of x. Blocks
+// run one after another over all weight rows (the block's x stays in L1 while the weight
+// streams past), inside a single parallel region whose loops do not wait for each other:
+// on a loaded machine every barrier can wait a time slice for a descheduled thread, and
+// a barrier per block made the benchmark's batch-64 int8_dynamic_linear take 2 s, not 66 ms.
+// (Running every block over a few weight rows held in L1 instead was 1.4x slower at M = 64.)
+template <typename Kernel>
+void gemv(int64_t M, int64_t N, Kernel&& kernel) {
+#pragma omp parallel num_threads(num_threads())
+  for_row_blocks(M, [&](auto rows, int64_t m) {
+#pragma omp for schedule(dynamic, 64) nowait
+    for (int64_t o = 0; o < N; ++o) kernel(rows, m, o);
+  });
+}
+
+// y[m + r, o] = dots[r] + bias[o] for an R-row block.
+template <int R>
+void store_outputs(const float* dots, const float* bias, int64_t o, float* y_block, int64_t N) {
+  float b = bias ? bias[o] : 0.f;
+  for (int r = 0; r < R; ++r) y_block[r * N + o] = dots[r] + b;
+}
+
+// Large M: each thread dequantizes TILE_OUT weight rows and multiplies them with at::mm.
+template <typename Dequantize>
+void tiled_gemm(const at::Tensor& x, at::Tensor& y, int64_t K, int64_t N,
+                Dequantize&& dequantize) {
+  int64_t tiles = (N + TILE_OUT - 1) / TILE_OUT;
+  // at::mm runs single threaded inside the OpenMP region; the tiles carry the parallelism.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
+  for (int64_t t = 0; t < tiles; ++t) {
+    int64_t start = t * TILE_OUT, rows = std::min(TILE_OUT, N - start);
+    at::Tensor w = at::empty({rows, K}, x.options());
+    dequantize(start, rows, w.data_ptr<float>());
+    y.narrow(1, start, rows).addmm_(x, w.t(), 1.0, 1.0);
+  }
+}
+
+at::Tensor flatten_input(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ",
+              x.scalar_type(), "; cast the activations with x.float().");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x has last dim ",
+              x.dim() ? x.size(-1) : 0, " but the weight has in_features=", K, ".");
+  // Inference only: detached, so the tiled path's in-place addmm_ from many threads
+  // never touches autograd state.
+  return x.detach().reshape({-1, K}).contiguous();
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& holder, int64_t N,
+                      const char* op) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " elements, expected ", N,
+              ".");
+  holder = bias->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+// Bias is added by the row kernels; the tiled path starts y at bias (or zero).
+at::Tensor initial_output(int64_t M, int64_t N, const float* bias, const at::Tensor& x) {
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M >= LARGE_M) {
+    if (bias)
+      y.copy_(at::from_blob(const_cast<float*>(bias), {1, N}, x.options()).expand({M, N}));
+    else
+      y.zero_();
+  }
+  return y;
+}
+
+// Small M through gemv and dots(rows, m, o, float* dots) -> R dot products, y = dots + bias;
+// large M through tiled_gemm and dequantize(start, rows, float* w).
+template <typename Dots, typename Dequantize>
+void run_linear(const at::Tensor& x, at::Tensor& y, const float* bias, Dots&& dots,
+                Dequantize&& dequantize) {
+  int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  if (M >= LARGE_M) {
+    tiled_gemm(x, y, K, N, dequantize);
+    return;
+  }
+  float* yp = y.data_ptr<float>();
+  gemv(M, N, [&](auto rows, int64_t m, int64_t o) {
+    constexpr int R = decltype(rows)::value;
+    float out[R];
+    dots(rows, m, o, out);
+    store_outputs<R>(out, bias, o, yp + m * N, N);
+  });
+}
+
+}  // namespace
+
+// The functions module.cpp exposes to Python; each validates its arguments.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
+                          const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
+at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& qweight,
+                                  const at::Tensor& weight_scales,
+                                  const c10::optional<at::Tensor>& bias);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed,
+                          const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+at::Tensor lut4_linear(const at::Tensor& x, const at::Tensor& packed,
+                          const at::Tensor& lut, const at::Tensor& scales,
+                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+at::Tensor lut8_linear(const at::Tensor& x, const at::Tensor& codes,
+                          const at::Tensor& lut, const at::Tensor& scales,
+                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+at::Tensor hadamard_rotate(const at::Tensor& x, const at::Tensor& signs);

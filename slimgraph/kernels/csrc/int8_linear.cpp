@@ -1,0 +1,226 @@
+// int8 weights: weight-only (int8_linear) and with int8 activations quantized per row
+// on the fly (int8_dynamic_linear, exact int32 sums).
+
+#include "common.h"
+
+namespace {
+
+// ---- int8 weights, float activations -----------------------------------------
+
+#ifdef __AVX2__
+// 16 int8 weights -> two vectors of 8 floats.
+inline void widen_int8(const int8_t* w, __m256& lo, __m256& hi) {
+  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+}
+#endif
+
+// Independent FMA chains per x row: one chain would wait on FMA latency, not memory.
+// Four rows x two chains plus the weights still fit the 16 ymm registers.
+template <int R>
+constexpr int chains() { return R <= 2 ? 4 : 2; }
+
+// dots[r] = sum_k x[r, k] * w[k] for R rows of x (row stride K).
+template <int R>
+void int8_dots(const float* x, const int8_t* w, int64_t K, float* dots) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  constexpr int C = chains<R>();
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (; k + 32 <= K; k += 32) {
+    __m256 v[4];
+    widen_int8(w + k, v[0], v[1]);
+    widen_int8(w + k + 16, v[2], v[3]);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % C] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
+  }
+  for (; k + 16 <= K; k += 16) {
+    __m256 lo, hi;
+    widen_int8(w + k, lo, hi);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * K + k), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * K + k + 8), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
+    dots[r] = horizontal_sum(acc[r][0]);
+  }
+#else
+  for (int r = 0; r < R; ++r) dots[r] = 0.f;
+#endif
+  for (; k < K; ++k) {
+    float wk = static_cast<float>(w[k]);
+    for (int r = 0; r < R; ++r) dots[r] += x[r * K + k] * wk;
+  }
+}
+
+void dequantize_int8_tile(const int8_t* q, const float* scales, int64_t K, int64_t rows,
+                          float* w) {
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t k = 0; k < K; ++k) w[o * K + k] = scales[o] * static_cast<float>(q[o * K + k]);
+}
+
+// ---- int8 x int8 (dynamic activation quantization) ---------------------------
+
+float absolute_max(const float* row, int64_t K) {
+  float result = 0.f;
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256 sign_bit = _mm256_set1_ps(-0.f), best = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8)
+    best = _mm256_max_ps(best, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(row + k)));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, best);
+  for (float lane : lanes) result = std::max(result, lane);
+#endif
+  for (; k < K; ++k) result = std::max(result, std::fabs(row[k]));
+  return result;
+}
+
+// Per-row symmetric quantization exactly as the torch reference computes it:
+// s = max|x| / 127 (1 for an all-zero row), q = round_half_even(x / s) in [-127, 127].
+// q is stored as int16, the operand width of vpmaddwd.
+void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float scale = absolute_max(row, K) / 127.f;
+    if (scale == 0.f) scale = 1.f;
+    scales[m] = scale;
+    int64_t k = 0;
+#ifdef __AVX2__
+    __m256 s = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.f), high = _mm256_set1_ps(127.f);
+    for (; k + 16 <= K; k += 16) {
+      __m256i halves[2];
+      for (int h = 0; h < 2; ++h) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(row + k + 8 * h), s);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        halves[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, low), high));
+      }
+      // packs works per 128-bit lane; the permute restores column order.
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(halves[0], halves[1]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + k), packed);
+    }
+#endif
+    for (; k < K; ++k) {
+      float rounded = std::nearbyint(row[k] / scale);  // the default mode rounds half to even
+      q[m * K + k] = static_cast<int16_t>(std::min(127.f, std::max(-127.f, rounded)));
+    }
+  }
+}
+
+#ifdef __AVX2__
+int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01001110));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10110001));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// Longest row whose int32 sum cannot overflow: |xq * w| <= 127 * 128.
+constexpr int64_t MAX_EXACT_K = ((int64_t{1} << 31) - 1) / (127 * 128);
+
+// dots[r] = sum_k xq[r, k] * w[k], exact in int32 for K <= MAX_EXACT_K.
+template <int R>
+void int8_int8_dots(const int16_t* xq, const int8_t* w, int64_t K, int32_t* dots) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  for (; k + 16 <= K; k += 16) {
+    __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    for (int r = 0; r < R; ++r) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, xv));
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = horizontal_sum_epi32(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) dots[r] = 0;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) dots[r] += static_cast<int32_t>(xq[r * K + k]) * w[k];
+}
+
+}  // namespace
+
+// x: float32 [..., K]; qweight: int8 [N, K]; scales: float32 [N]; bias: [N] or None.
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight,
+                          const at::Tensor& scales_in,
+                          const c10::optional<at::Tensor>& bias) {
+  const char* op = "slimgraph int8_linear";
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op,
+              ": qweight must be a 2-D int8 [out, in] tensor.");
+  int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(scales_in.numel() == N, op, ": scales has ", scales_in.numel(),
+              " elements, expected one per output row (", N, ").");
+  at::Tensor x = flatten_input(x_in, K, op);
+  at::Tensor q = qweight.contiguous();
+  at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  at::Tensor bias_holder;
+  const float* b = bias_ptr(bias, bias_holder, N, op);
+  int64_t M = x.size(0);
+  at::Tensor y = initial_output(M, N, b, x);
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  run_linear(
+      x, y, b,
+      [&](auto rows, int64_t m, int64_t o, float* dots) {
+        constexpr int R = decltype(rows)::value;
+        int8_dots<R>(xp + m * K, qp + o * K, K, dots);
+        for (int r = 0; r < R; ++r) dots[r] *= sp[o];
+      },
+      [&](int64_t start, int64_t rows, float* w) {
+        dequantize_int8_tile(qp + start * K, sp + start, K, rows, w);
+      });
+  return y.reshape(output_shape(x_in, N));
+}
+
+// x: float32 [..., K]; qweight: int8 [N, K]; weight_scales: float32 [N]; bias: [N] or None.
+// Each row of x is quantized to int8 with its own scale max|x| / 127, the products are
+// summed exactly in int32, and y = sum * x_scale * weight_scale + bias.
+at::Tensor int8_dynamic_linear(const at::Tensor& x_in, const at::Tensor& qweight,
+                                  const at::Tensor& weight_scales_in,
+                                  const c10::optional<at::Tensor>& bias) {
+  const char* op = "slimgraph int8_dynamic_linear";
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op,
+              ": qweight must be a 2-D int8 [out, in] tensor, got ", qweight.scalar_type(), " ",
+              qweight.sizes(), ".");
+  int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(K <= MAX_EXACT_K, op, ": in_features=", K, " exceeds ", MAX_EXACT_K,
+              ", beyond which an int32 sum of 127 * 128 products can overflow.");
+  TORCH_CHECK(weight_scales_in.numel() == N, op, ": weight_scales has ",
+              weight_scales_in.numel(), " elements, expected one per output row (", N, ").");
+  at::Tensor x = flatten_input(x_in, K, op);
+  at::Tensor q = qweight.contiguous();
+  at::Tensor weight_scales = weight_scales_in.to(at::kFloat).contiguous();
+  at::Tensor bias_holder;
+  const float* b = bias_ptr(bias, bias_holder, N, op);
+  int64_t M = x.size(0);
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor x_scales = at::empty({M}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), x_scales.data_ptr<float>());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int16_t* xqp = xq.data_ptr<int16_t>();
+  const float* xsp = x_scales.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* wsp = weight_scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Every batch size takes the GEMV loop: vpmaddwd does 16 multiply-adds per
+  // instruction, so even batch 64 outruns the fp32 GEMM the tiled path would use.
+  gemv(M, N, [&](auto rows, int64_t m, int64_t o) {
+    constexpr int R = decltype(rows)::value;
+    int32_t sums[R];
+    float dots[R];
+    int8_int8_dots<R>(xqp + m * K, qp + o * K, K, sums);
+    for (int r = 0; r < R; ++r) dots[r] = static_cast<float>(sums[r]) * xsp[m + r] * wsp[o];
+    store_outputs<R>(dots, b, o, yp + m * N, N);
+  });
+  return y.reshape(output_shape(x_in, N));
+}
