@@ -143,6 +143,8 @@ def _flops_rule(node: fx.Node) -> Callable | None:
         return _RULES.get(type(module))
     if _is_packed_linear(node.target):
         return _matmul_flops  # x @ W.T from packed weights: 2 · out elements · in_features
+    if _is_slimgraph_op(node.target, "conv_"):
+        return _conv_flops  # slimgraph::conv_int8(x, qweight [O, I/groups, *kernel], …): a conv's count
     if _is_slimgraph_op(node.target, "lorc_correction"):
         return _low_rank_flops
     return _RULES.get(node.target)

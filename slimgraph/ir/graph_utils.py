@@ -19,16 +19,19 @@ def eliminate_dead_code(gm: fx.GraphModule) -> tuple[int, int]:
 
 
 def delete_unused_attributes(gm: fx.GraphModule) -> int:
-    """Delete parameters, buffers, tensor attributes and submodules the graph no longer uses."""
+    """Delete parameters, buffers, tensor attributes and submodules the graph no longer uses.
+
+    Unused submodules go first, so a module that is detached whole (on a ``symbolic_trace``
+    graph it can be the caller's own) never has tensors deleted from it.
+    """
+    before = len(list(_tensor_attribute_names(gm)))
+    gm.delete_all_unused_submodules()
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    freed = 0
     for name in list(_tensor_attribute_names(gm)):
         if not any(prefix in used for prefix in _dotted_prefixes(name)):
             owner_path, _, attribute = name.rpartition(".")
             delattr(gm.get_submodule(owner_path) if owner_path else gm, attribute)
-            freed += 1
-    gm.delete_all_unused_submodules()
-    return freed
+    return before - len(list(_tensor_attribute_names(gm)))
 
 
 def _dotted_prefixes(name: str) -> list[str]:

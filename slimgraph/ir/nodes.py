@@ -7,6 +7,7 @@ one answer whatever the source.
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any
 
@@ -116,3 +117,18 @@ def _type_name(module_type: Any) -> str:
     if isinstance(module_type, type):
         return f"{module_type.__module__}.{module_type.__qualname__}"
     return str(module_type)
+
+
+def mutates(node: fx.Node) -> bool:
+    """An in-place op (schema, ``inplace=True`` module or kwarg, ``x.add_``, ``+=``, setitem)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if node.op == "call_module":
+        return getattr(get_attr_value(node.graph.owning_module, target), "inplace", False) is True
+    if node.kwargs.get("inplace") is True:  # Dynamo records nn.ReLU(inplace=True) as F.relu(x, inplace=True)
+        return True
+    name = target if node.op == "call_method" else getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):  # x.add_(y), torch.relu_(x)
+        return True
+    return target in (operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.setitem)

@@ -11,7 +11,6 @@ Verified by the runner: shapes re-propagated, outputs compared to the reference.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from slimgraph.ir.graph_utils import eliminate_dead_code
-from slimgraph.ir.nodes import get_attr_value, node_value
+from slimgraph.ir.nodes import get_attr_value, mutates, node_value
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -63,7 +62,7 @@ class Cleanup(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.analysis("shapes")
-        copies_are_safe = not any(_mutates(n) for n in gm.graph.nodes)
+        copies_are_safe = not any(mutates(n) for n in gm.graph.nodes)
         counts = {"dropout": 0, "identity": 0, "no-op view": 0, "assert": 0}
         kept_active = 0
         for node in list(gm.graph.nodes):
@@ -135,18 +134,3 @@ def _same_tensor_layout(a, b) -> bool:
         return False
     pairs = [*zip(a.shape, b.shape, strict=True), *zip(a.stride(), b.stride(), strict=True)]
     return all(statically_known_true(x == y) for x, y in pairs)
-
-
-def _mutates(node: fx.Node) -> bool:
-    """In-place ops: after them, a removed copy could alias a mutated tensor."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
-    if node.op == "call_module":
-        return getattr(get_attr_value(node.graph.owning_module, target), "inplace", False) is True
-    if node.kwargs.get("inplace") is True:  # Dynamo records nn.ReLU(inplace=True) as F.relu(x, inplace=True)
-        return True
-    name = target if node.op == "call_method" else getattr(target, "__name__", "")
-    if name.endswith("_") and not name.startswith("_"):  # x.add_(y), torch.relu_(x)
-        return True
-    return target in (operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.setitem)

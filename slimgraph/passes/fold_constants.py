@@ -22,8 +22,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
-from slimgraph.ir.nodes import get_attr_value
-from slimgraph.passes.cleanup import _mutates
+from slimgraph.ir.nodes import get_attr_value, mutates
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
 
 _NONDETERMINISTIC_NAMES = re.compile(r"(^|_)(rand|randn|randint|randperm|bernoulli|multinomial|normal|"
@@ -73,7 +72,7 @@ class FoldConstants(Pass):
 
     def _evaluate_constants(self, gm: fx.GraphModule) -> dict[fx.Node, Any]:
         """Values of every node computable without inputs, in graph order."""
-        mutated = {a for n in gm.graph.nodes if _mutates(n) for a in n.all_input_nodes}
+        mutated = {a for n in gm.graph.nodes if mutates(n) for a in n.all_input_nodes}
         values: dict[fx.Node, Any] = {}
         with torch.no_grad():
             for node in gm.graph.nodes:

@@ -1,4 +1,4 @@
-"""quantize: weights of Linear layers → packed low-bit buffers read by a custom op.
+"""quantize: weights of Linear (and Conv) layers → packed low-bit buffers read by a custom op.
 
 Matches every ``LinearView`` (aten/torch/call_module linear, GPT-2's ``Conv1D``
 addmm) selected by ``include``/``exclude`` regexes on the module path; the output
@@ -20,6 +20,11 @@ own options win. ``+lorc`` adds a rank-``rank`` correction of the quantization e
 - ``embeddings=true``: embedding tables become int8 rows (``slimgraph::embedding_int8``,
   one scale per row, only the rows looked up are widened); a table also read elsewhere
   (tied to an output head) stays float, with the reason in the notes.
+- ``convs=true``: Conv1d/Conv2d weights become int8 per output channel too
+  (``slimgraph::conv_int8``, ``kernels/conv.py``), chosen by the same ``include``/``exclude``/
+  ``overrides``/head/``min_features`` rules (the weight seen as ``[out, in/groups·kernel]``); a conv
+  whose spec is not ``int8`` is skipped with the reason. Convs round to nearest under
+  ``method=gptq`` and cannot be combined with ``budget_bits``.
 - ``method=gptq``: choose the codes with GPTQ (``kernels/gptq.py``) from the Gram
   matrix of each layer's input on ``optimize(..., calibration=...)``, instead of
   rounding to nearest: same bits, lower output error.
@@ -34,6 +39,7 @@ In pipeline text (quote specs with parentheses)::
     quantize(format=int4, overrides=[attention:int8, output.dense:skip])
     quantize(format=nf4+lorc, rank=32)
     quantize(format=int4, group_size=32, method=gptq)
+    quantize(format=int8, convs=true, overrides=['stem:skip'])
     quantize(budget_bits=5, formats=[int8, 'int4(group_size=32)', nf4], overrides=[lm_head:int8])
 """
 
@@ -50,8 +56,10 @@ from torch import nn
 
 from slimgraph.errors import PipelineError
 from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
-from slimgraph.ir.views import EmbeddingView, LinearView
+from slimgraph.ir.nodes import node_value
+from slimgraph.ir.views import ConvView, EmbeddingView, LinearView
 from slimgraph.kernels import FORMATS
+from slimgraph.kernels.conv import dequantize_conv_int8, explicit_padding, pack_conv_int8
 from slimgraph.kernels.int8 import quantize_weight_int8
 from slimgraph.passes.activations import gram, input_statistics
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
@@ -76,7 +84,7 @@ DEFAULT_LORC_RANK = 16
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Weight-only quantization of Linear layers: one format, per-layer overrides, or a bit budget."""
+    """Weight-only quantization of Linear (and Conv) layers: one format, per-layer overrides, or a bit budget."""
 
     name: ClassVar[str] = "quantize"
     preserves: ClassVar[tuple[str, ...]] = ("shapes", "blocks")
@@ -97,6 +105,7 @@ class Quantize(Pass):
     formats: tuple[str, ...] = ()  # the planner's candidates (default int8, int4, nf4)
     method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ on calibration inputs
     embeddings: bool = False  # also store embedding tables as int8 rows (one scale per row)
+    convs: bool = False  # also quantize Conv1d/Conv2d weights (int8 per output channel)
     include: str = ""
     exclude: str = ""
     quantize_head: bool = False
@@ -117,6 +126,10 @@ class Quantize(Pass):
             if not self.budget_bits > 0:
                 raise PipelineError(f"pass 'quantize': budget_bits={self.budget_bits:g} must be > 0 "
                                     "(average bits per weight of the quantized layers, e.g. 4.5)")
+            if self.convs:
+                raise PipelineError("pass 'quantize': convs=true with budget_bits is not supported (the "
+                                    "mixed-precision planner handles linears only); run two passes, e.g. "
+                                    "'quantize(budget_bits=..., formats=[...]), quantize(convs=true, include=CONVS)'")
         elif self.formats:
             raise PipelineError("pass 'quantize': formats=[...] lists the candidates of the bit-budget planner; "
                                 "add budget_bits=... (or use format=... for one format everywhere)")
@@ -161,18 +174,23 @@ class Quantize(Pass):
         layers = [self._layer(view, rules, candidates, hessians.get(view.node.name)) for view in views]
         quantized = [layer for layer in layers if layer.candidates]
         plan = self._plan(gm, ctx, quantized) if self.budget_bits is not None and quantized else None
-        for layer in quantized:
-            layer.chosen = layer.chosen or layer.candidates[0]  # without a budget: the one spec it may get
-        by_node = {layer.node_name: layer for layer in quantized}
+        if self.convs:  # validate() keeps the planner away: a conv's one candidate is its spec
+            layers += [self._layer(view, rules, candidates) for view in _convs(gm)]
+        for layer in layers:
+            if layer.candidates:
+                layer.chosen = layer.chosen or layer.candidates[0]  # without a budget: the one spec it may get
+        by_node = {layer.node_name: layer for layer in layers if layer.chosen}
         for node in list(gm.graph.nodes):  # matched again: earlier rewrites changed the inputs
-            if node.name in by_node and (view := LinearView.match(node)) is not None:
+            if node.name in by_node and (view := LinearView.match(node) or ConvView.match(node)) is not None:
                 _rewrite(gm, view, by_node[node.name].chosen)
         tables = quantize_embeddings(gm) if self.embeddings else []
-        dead_nodes, freed = eliminate_dead_code(gm) if quantized or tables else (0, 0)
+        dead_nodes, freed = eliminate_dead_code(gm) if by_node or tables else (0, 0)
         stats = self._measure(gm, ctx, plan) if plan else {}
         result = _result(layers, rules, stats, dead_nodes, freed)
         result.notes += [f"embedding {path}: {note}" for path, note in tables]
         result.stats["embeddings"] = dict(tables)
+        if self.method == "gptq" and any(layer.kind == "conv" and layer.chosen for layer in layers):
+            result.notes.append("conv layers rounded to nearest (method=gptq applies to linears)")
         return result
 
     def _plan(self, gm: fx.GraphModule, ctx: PassContext, quantized: list[_Layer]) -> MixedPrecisionPlan:
@@ -197,11 +215,12 @@ class Quantize(Pass):
         return input_statistics(gm, [view.node.name for view in views], ctx.calibration, gram,
                                 description="quantize: GPTQ input statistics")
 
-    def _layer(self, view: LinearView, rules: list[_Override], candidates: list[FormatSpec],
+    def _layer(self, view: LinearView | ConvView, rules: list[_Override], candidates: list[FormatSpec],
                hessian: torch.Tensor | None = None) -> _Layer:
         """Skip (with the reason) or encode ``view``'s weight in each spec it may get."""
+        kind = "conv" if isinstance(view, ConvView) else "linear"
         layer = _Layer(view.node.name, view.module_path or view.node.name, view.weight_ref.target,
-                       view.weight.numel())
+                       view.weight.numel(), kind)
         rule = next((rule for rule in rules if rule.regex.search(layer.path)), None)
         layer.override = rule.entry if rule else None
         layer.skip_reason = _unusable(view.weight)
@@ -210,10 +229,12 @@ class Quantize(Pass):
         elif layer.skip_reason is None and rule is None:
             layer.skip_reason = self._skip_reason(view)
         if layer.skip_reason is None:
-            layer.candidates, layer.skip_reason = _encode(view.weight, [rule.spec] if rule else candidates, hessian)
+            specs = [rule.spec] if rule else candidates
+            encoded = _encode_conv(view, specs[0]) if kind == "conv" else _encode(view.weight, specs, hessian)
+            layer.candidates, layer.skip_reason = encoded
         return layer
 
-    def _skip_reason(self, view: LinearView) -> str | None:
+    def _skip_reason(self, view: LinearView | ConvView) -> str | None:
         path = view.module_path
         if self.include and not re.search(self.include, path):
             return f"excluded: path does not match include={self.include!r}"
@@ -221,7 +242,7 @@ class Quantize(Pass):
             return f"excluded: path matches exclude={self.exclude!r}"
         if not self.quantize_head and path.rpartition(".")[2] in HEAD_NAMES:
             return "output head (pass quantize_head=true to include it)"
-        if min(view.weight.shape) < self.min_features:
+        if min(view.weight.shape[0], view.weight[0].numel()) < self.min_features:  # conv: [out, in/groups·kernel]
             return f"tiny layer {tuple(view.weight.shape)} (min_features={self.min_features})"
         return None
 
@@ -253,12 +274,13 @@ class _Override(NamedTuple):
 
 @dataclass
 class _Layer:
-    """What the pass decided for one linear: skip (with the reason) or its candidate encodings."""
+    """What the pass decided for one linear or conv: skip (with the reason) or its candidate encodings."""
 
     node_name: str
     path: str
     weight_target: str
     numel: int
+    kind: Literal["linear", "conv"] = "linear"
     candidates: list[EncodedWeight] = field(default_factory=list)
     chosen: EncodedWeight | None = None
     skip_reason: str | None = None
@@ -268,6 +290,10 @@ class _Layer:
 
 def _linears(gm: fx.GraphModule) -> list[LinearView]:
     return [view for view in map(LinearView.match, gm.graph.nodes) if view is not None]
+
+
+def _convs(gm: fx.GraphModule) -> list[ConvView]:
+    return [view for view in map(ConvView.match, gm.graph.nodes) if view is not None]
 
 
 def _unusable(weight: torch.Tensor) -> str | None:
@@ -289,6 +315,19 @@ def _encode(weight: torch.Tensor, specs: list[FormatSpec], hessian: torch.Tensor
     if len(specs) == 1:
         return [], rejections[specs[0].label]
     return [], "no candidate format takes it: " + "; ".join(f"{k}: {v}" for k, v in rejections.items())
+
+
+def _encode_conv(view: ConvView, spec: FormatSpec) -> tuple[list[EncodedWeight], str | None]:
+    """The conv's weight as int8 per output channel, or why it stays float."""
+    if spec.name != "int8" or spec.lorc_rank:
+        return [], f"conv layers support int8 only ({spec.label} requested)"
+    padding = explicit_padding(view.padding, view.weight.shape[2:], view.dilation)
+    if padding is None:
+        return [], "padding='same' pads one side more with this kernel; conv_int8 takes symmetric padding"
+    packed = pack_conv_int8(view.weight, view.stride, padding, view.dilation, view.groups)
+    weight = view.weight.detach().float()
+    rel_mse = ((dequantize_conv_int8(packed) - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)).item()
+    return [EncodedWeight(spec, packed, None, weight.numel(), rel_mse)], None
 
 
 def _result(layers: list[_Layer], rules: list[_Override], stats: dict[str, Any], dead_nodes: int,
@@ -315,10 +354,11 @@ def _result(layers: list[_Layer], rules: list[_Override], stats: dict[str, Any],
 
 
 def _summary(done: list[_Layer], bits: float) -> str:
-    """``3 linears → int4 (4.188 bits/weight)`` or ``5 linears → int4 ×3, int8 ×2 (…)``."""
+    """``3 linears → int4 (4.188 bits/weight)``, ``5 linears → int4 ×3, int8 ×2 (…)``, ``2 linears + 4 convs → …``."""
     counts = Counter(layer.chosen.spec.label for layer in done)
     mix = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{label} ×{n}" for label, n in counts.items())
-    return f"{len(done)} linears → {mix} ({bits:.3f} bits/weight)"
+    kinds = " + ".join(f"{n} {kind}s" for kind, n in Counter(layer.kind for layer in done).items())
+    return f"{kinds} → {mix} ({bits:.3f} bits/weight)"
 
 
 def _layer_stats(layer: _Layer) -> dict[str, Any]:
@@ -347,11 +387,11 @@ def _compile(pattern: str, where: str) -> re.Pattern:
                             f"({error})") from error
 
 
-def _rewrite(gm: fx.GraphModule, view: LinearView, encoded: EncodedWeight) -> None:
+def _rewrite(gm: fx.GraphModule, view: LinearView | ConvView, encoded: EncodedWeight) -> None:
     """Store the packed buffers in a small holder module and call the format's op on them.
 
-    The holder is named after the layer (``encoder_layer_0_attention_self_query_int8``), so
-    the state dict reads ``<holder>.qweight``, ``<holder>.scales``… and, with LoRC,
+    The holder is named after the layer (``encoder_layer_0_attention_self_query_int8``,
+    ``features_0_conv_int8``), so the state dict reads ``<holder>.qweight``, ``<holder>.scales``… and, with LoRC,
     ``<holder>.lorc_u``/``lorc_v``, read by ``slimgraph::lorc_correction`` after the op.
     """
     packed, correction = encoded.packed, encoded.correction
@@ -366,7 +406,7 @@ def _rewrite(gm: fx.GraphModule, view: LinearView, encoded: EncodedWeight) -> No
     gm.add_submodule(holder_name, holder)
     with gm.graph.inserting_before(view.node):
         nodes = {name: _get_attr(gm, f"{holder_name}.{name}", t) for name, t in tensors.items()}
-    value, x = view.node.meta.get("val"), view.input
+    value, x = node_value(view.node), view.input
     args = (x, *(nodes[name] for name in packed.buffers), nodes["bias"], *packed.params.values())
     new = view.replace_with(packed.op, args)
     if value is not None:
@@ -402,7 +442,7 @@ def quantize_embeddings(gm: fx.GraphModule) -> list[tuple[str, str]]:
         with gm.graph.inserting_before(view.node):
             args = (view.indices, *(_get_attr(gm, f"{holder_name}.{name}", t) for name, t in
                                     (("qweight", qweight), ("scales", scales))))
-        value = view.node.meta.get("val")
+        value = node_value(view.node)
         new = view.replace_with(torch.ops.slimgraph.embedding_int8.default, args)
         if value is not None:
             new.meta["val"] = value

@@ -8,6 +8,7 @@ from torch import nn
 
 import slimgraph
 from slimgraph import models
+from slimgraph.ir.nodes import module_path
 from slimgraph.ir.views import LinearView
 from slimgraph.passes.activations import gram, input_statistics, squared_column_norms
 
@@ -54,3 +55,21 @@ def test_unknown_node_is_named():
     gm = slimgraph.optimize(TwoLinears().eval(), "cleanup", (torch.randn(2, 8),))
     with pytest.raises(KeyError, match="no node named nope"):
         input_statistics(gm, ["nope"], [((torch.randn(2, 8),), {})], gram)
+
+
+
+def test_gpt2_conv1d_addmm_records_its_input_not_its_bias():
+    """GPT-2's Conv1D is ``addmm(bias, x, W)``: the statistic is over ``x`` (regression: was the bias)."""
+    model = models.gpt2(layers=1, hidden=64)
+    ids = torch.randint(0, 100, (2, 8))
+    gm = slimgraph.optimize(model, "cleanup", (ids,))
+    c_fc = next(node.name for node in gm.graph.nodes if LinearView.match(node) and module_path(node).endswith("mlp.c_fc"))
+    inputs = []
+    hook = model.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    try:
+        model(ids)
+    finally:
+        hook.remove()
+    grams = input_statistics(gm, [c_fc], [((ids,), {})], gram)
+    rows = inputs[0].reshape(-1, 64).detach().double()
+    torch.testing.assert_close(grams[c_fc], rows.T @ rows)
