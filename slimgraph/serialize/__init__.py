@@ -149,7 +149,8 @@ def _layer_formats(gm: fx.GraphModule) -> dict[str, str]:
     formats = {}
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "slimgraph":
-            formats[module_path(node) or node.name] = node.target._opname.removeprefix("linear_")
+            name = node.target._opname
+            formats[module_path(node) or node.name] = name.split("_", 1)[1] if name.startswith(("linear_", "conv_")) else name
     return formats
 
 

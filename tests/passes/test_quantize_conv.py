@@ -198,7 +198,9 @@ def test_small_cnn_end_to_end(tmp_path):
     assert record.flops_after == record.flops_before
 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # input untouched
-    loaded = slimgraph.load(slimgraph.save(optimized, tmp_path / "cnn.safetensors"))
+    path = slimgraph.save(optimized, tmp_path / "cnn.safetensors")
+    loaded = slimgraph.load(path)
+    assert set(loaded.meta["slimgraph_saved"]["formats"].values()) == {"int8"}  # not "conv_int8"
     with torch.no_grad():
         assert torch.equal(loaded(x), optimized(x))
     assert loaded.state_dict().keys() == optimized.state_dict().keys()
@@ -318,3 +320,16 @@ def test_cost_of_conv_int8_is_the_conv_flops():
     (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
     out_elements, per_output = 2 * 16 * 4 * 4, (8 // 2) * 3 * 3  # in/groups · kernel
     assert node_cost(node).flops == 2 * out_elements * per_output
+
+
+def test_exported_string_padding_convs_are_quantized():
+    """``torch.export`` spells ``padding="same"`` as ``aten.conv1d.padding``: still a conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(16, 32, 3, padding="same"), nn.Conv1d(32, 32, 3, padding="valid")).eval()
+    x = torch.randn(2, 16, 20)
+    optimized = slimgraph.optimize(model, "quantize(format=int8, convs=true)", (x,), strict=True)
+    assert sum(n.target is CONV_INT8 for n in optimized.graph.nodes) == 2
+    with torch.no_grad():
+        expected = F.conv1d(F.conv1d(x, dequantized(model[0].weight), model[0].bias, padding=1),
+                            dequantized(model[1].weight), model[1].bias)
+        torch.testing.assert_close(optimized(x), expected, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,8 @@ from slimgraph.ir.views.base import (
 )
 
 _CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, torch.conv1d: 1, torch.conv2d: 2,
-         F.conv1d: 1, F.conv2d: 2}
+         F.conv1d: 1, F.conv2d: 2,
+         aten.conv1d.padding: 1, aten.conv2d.padding: 2}  # export's overloads for padding="same"/"valid"
 
 
 @dataclass
