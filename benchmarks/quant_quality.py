@@ -45,9 +45,11 @@ FORMATS = {
     "nf4 + gptq": "quantize(format=nf4, method=gptq)",
     "fp4-mx + gptq": "quantize(format=fp4, variant=mx, method=gptq)",
     "fp4-nv + gptq": "quantize(format=fp4, variant=nv, method=gptq)",
+    "fp8 + gptq": "quantize(format=fp8, method=gptq)",
+    "higgs-p1 + gptq": "quantize(format=higgs, bits=4, p=1, group_size=128, method=gptq)",
     "budget 5 bits": "quantize(budget_bits=5, formats=[int8, 'int4(group_size=32)', nf4])",
 }
-EIGHT_BIT = {"int8", "w8a8", "llm_int8", "fp8"}
+EIGHT_BIT = {"int8", "w8a8", "llm_int8", "fp8", "fp8 + gptq"}
 
 
 def main() -> None:
@@ -82,11 +84,19 @@ def main() -> None:
             "seconds": round(time.perf_counter() - start, 1),
         })
         print(json.dumps(rows[-1]), flush=True)
+    rows = merged_with_earlier_rows(rows)
     print_table(rows, sentences=len(batches) * BATCH, fp32_mb=sum(p.numel() * 4 for p in model.parameters()) / 1e6)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "sentences": len(batches) * BATCH,
                                    "tokens": TOKENS, "rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
+
+
+def merged_with_earlier_rows(rows: list[dict]) -> list[dict]:
+    """Rows of an earlier run for formats not measured now are kept, in FORMATS order."""
+    earlier = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    by_format = {row["format"]: row for row in earlier} | {row["format"]: row for row in rows}
+    return [by_format[name] for name in FORMATS if name in by_format]
 
 
 def embed(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:

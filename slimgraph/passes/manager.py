@@ -78,6 +78,9 @@ class Pass:
         hints = typing.get_type_hints(type(self))
         for option in dataclasses.fields(self):
             value = getattr(self, option.name)
+            if isinstance(value, list):  # Python callers write lists; options hold tuples (hashable)
+                value = convert(value, hints[option.name])
+                object.__setattr__(self, option.name, value)
             if not conforms(value, hints[option.name]):
                 raise PipelineError(
                     f"pass '{self.name}': option {option.name}={value!r} must be "

@@ -111,12 +111,6 @@ class Quantize(Pass):
     quantize_head: bool = False
     min_features: int = 16
 
-    def __post_init__(self) -> None:
-        for option in ("overrides", "formats"):  # Python callers write lists; options are tuples (hashable)
-            if isinstance(getattr(self, option), list):
-                object.__setattr__(self, option, tuple(getattr(self, option)))
-        super().__post_init__()
-
     def validate(self) -> None:
         if self.budget_bits is not None:
             if self.format is not None:

@@ -55,7 +55,6 @@ def options_pass(register):
     (lambda: FoldConstants(max_bytes=True), "option max_bytes=True must be an int"),
     (lambda: FoldConstants(max_bytes=1.5), "option max_bytes=1.5 must be an int"),
     (lambda: OptionsPass(mode="slow"), "option mode='slow' must be one of 'fast', 'exact'"),
-    (lambda: OptionsPass(sizes=[1, 2]), "option sizes=[1, 2] must be a list of int"),
     (lambda: OptionsPass(sizes=(1, "2")), "must be a list of int"),
     (lambda: OptionsPass(label=3), "option label=3 must be a str or None"),
     (lambda: OptionsPass(ratio="0.5"), "option ratio='0.5' must be a float"),
@@ -68,6 +67,14 @@ def test_wrong_option_type_is_rejected_on_construction(make, message):
 def test_validate_checks_ranges_beyond_types():
     with pytest.raises(PipelineError, match="max_bytes must be positive, got 0"):
         FoldConstants(max_bytes=0)
+
+
+def test_python_lists_become_tuples_for_every_pass():
+    """Options hold tuples (hashable, frozen); a Python caller's list is accepted and converted."""
+    assert OptionsPass(sizes=[1, 2]).sizes == (1, 2)
+    assert str(OptionsPass(sizes=[1, 2])) == str(OptionsPass(sizes=(1, 2)))
+    with pytest.raises(PipelineError, match=re.escape("option sizes=(1, '2') must be a list of int")):
+        OptionsPass(sizes=[1, "2"])
 
 
 def test_int_is_accepted_for_float_and_none_for_optional():
