@@ -5,7 +5,8 @@ Two models, the way a user runs them (``slimgraph.optimize(model, "quantize(...)
 (``c_fc`` 1024→4096, GELU, ``c_proj`` 4096→1024, Hugging Face ``Conv1D``). Each runs
 at batch 1 (decode) and 64 as fp32 eager, bf16 eager, every slimgraph format, and
 torchao's ``Int8WeightOnlyConfig`` eager and under ``torch.compile`` (the peer).
-Timings are medians of interleaved runs (every variant once per round). The
+Timings are medians over interleaved rounds; in each round every variant runs two
+untimed calls and then the timed one, so each is timed in steady state. The
 bandwidth bound of a variant is its weight bytes divided by the measured read
 bandwidth of a large tensor copy: no weight-streaming kernel can beat it.
 
@@ -164,15 +165,24 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def interleaved_medians(variants: dict[str, tuple[nn.Module, torch.Tensor]], runs: int) -> dict[str, float]:
-    """Median milliseconds per variant; each round runs every variant once, so drift hits all alike."""
+def interleaved_medians(variants: dict[str, tuple[nn.Module, torch.Tensor]], runs: int,
+                        settle: int = 2) -> dict[str, float]:
+    """Median milliseconds per variant over ``runs`` rounds; each round runs every variant.
+
+    Within a round a variant runs ``settle`` untimed calls before the timed one, so what is
+    timed is the model in steady state (as in a decode loop): an fp32 GEMV run just before
+    a 4-bit model slowed the 4-bit call by up to 1.5x (thread pool and cache state), which
+    says nothing about either. Rounds still spread drift over all variants alike.
+    """
     samples: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
-        for round_index in range(runs + 2):  # two warm-up rounds
+        for round_index in range(runs + 1):  # one warm-up round
             for name, (module, inputs) in variants.items():
+                for _ in range(settle):
+                    module(inputs)
                 start = time.perf_counter()
                 module(inputs)
-                if round_index >= 2:
+                if round_index >= 1:
                     samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -69,7 +69,13 @@ struct Float32Scales {
 
 struct Float16Scales {
   const at::Half* data;
-  float operator[](int64_t i) const { return static_cast<float>(data[i]); }
+  float operator[](int64_t i) const {
+#ifdef __F16C__
+    return _cvtsh_ss(data[i].x);  // one instruction; c10's conversion is bit arithmetic
+#else
+    return static_cast<float>(data[i]);
+#endif
+  }
   Float16Scales shifted(int64_t n) const { return {data + n}; }
 };
 

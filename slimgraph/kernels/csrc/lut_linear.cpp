@@ -101,52 +101,98 @@ at::Tensor deinterleave8(const at::Tensor& x) {
 template <int R>
 constexpr int lut4_chains() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
-// dots[r] = sum_k x[r, k] * (lut[code_k] - zero_g) * scale_g over one weight row, with
-// x permuted by deinterleave8 when simd (AVX2 and group % 16 == 0, so each 16-column
-// half of a 32-column chunk lies in one group).
-template <int R, int Planes, typename Scales, typename Zero>
-void lut4_dots(const float* x, const uint8_t* packed, const float* lut, const void* tables,
-               Scales scales, Zero zeros, int64_t K, int64_t group, bool simd, float* dots) {
-  int64_t k = 0;
-  for (int r = 0; r < R; ++r) dots[r] = 0.f;
 #ifdef __AVX2__
-  if (simd) {
-    const ByteTables& t = *static_cast<const ByteTables*>(tables);
-    constexpr int C = lut4_chains<R>();
+// Groups of a multiple of 32 columns: the unscaled products of a group are summed, then
+// scaled once (scaling every weight instead is 15% slower); the zero points come off as
+// zero * scale * (sum of x over the group), from xsums [R, groups].
+template <int R, int Planes, typename Scales, typename Zero>
+void lut4_dots_by_group(const float* x, const float* xsums, const uint8_t* packed,
+                        const ByteTables& t, Scales scales, Zero zeros, int64_t K, int64_t group,
+                        float* dots) {
+  constexpr int C = lut4_chains<R>();
+  int64_t groups = K / group;
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
     __m256 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-    int64_t halves_per_group = group / 16, g = 0, left = halves_per_group;
-    for (; k + 32 <= K; k += 32) {
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
       __m256 w[4];
       lookup32<Planes>(packed + k / 2, t, w);
-      for (int h = 0; h < 2; ++h) {
-        __m256 scale = _mm256_set1_ps(scales[g]);
-        for (int i = 2 * h; i < 2 * h + 2; ++i) {
-          if constexpr (Zero::any) w[i] = _mm256_sub_ps(w[i], _mm256_set1_ps(zeros[g]));
-          w[i] = _mm256_mul_ps(w[i], scale);
-        }
-        if (--left == 0) {
-          ++g;
-          left = halves_per_group;
-        }
-      }
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < 4; ++i)
           acc[r][i % C] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
     }
+    float scale = scales[g];
     for (int r = 0; r < R; ++r) {
       for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      dots[r] = horizontal_sum(acc[r][0]);
+      total[r] = _mm256_fmadd_ps(acc[r][0], _mm256_set1_ps(scale), total[r]);
+      if constexpr (Zero::any) dots[r] -= scale * zeros[g] * xsums[r * groups + g];
     }
-    for (; k < K; ++k) {  // a last half chunk of 16 columns
+  }
+  for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(total[r]);
+}
+
+// Groups of an odd multiple of 16 (NVFP4's 16): each half of a 32-column chunk has its own
+// scale, so the weights are scaled (and shifted by the zero point) before the FMAs.
+template <int R, int Planes, typename Scales, typename Zero>
+void lut4_dots_by_half(const float* x, const uint8_t* packed, const ByteTables& t, Scales scales,
+                       Zero zeros, int64_t K, int64_t group, float* dots) {
+  constexpr int C = lut4_chains<R>();
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t halves_per_group = group / 16, g = 0, left = halves_per_group;
+  for (int64_t k = 0; k + 32 <= K; k += 32) {
+    __m256 w[4];
+    lookup32<Planes>(packed + k / 2, t, w);
+    for (int h = 0; h < 2; ++h) {
+      __m256 scale = _mm256_set1_ps(scales[g]);
+      for (int i = 2 * h; i < 2 * h + 2; ++i) {
+        if constexpr (Zero::any) w[i] = _mm256_sub_ps(w[i], _mm256_set1_ps(zeros[g]));
+        w[i] = _mm256_mul_ps(w[i], scale);
+      }
+      if (--left == 0) {
+        ++g;
+        left = halves_per_group;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % C] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
+    dots[r] += horizontal_sum(acc[r][0]);
+  }
+}
+#endif
+
+// dots[r] = sum_k x[r, k] * (lut[code_k] - zero_g) * scale_g over one weight row, with
+// x permuted by deinterleave8 when simd (AVX2 and group % 16 == 0, so each 16-column
+// half of a 32-column chunk lies in one group).
+template <int R, int Planes, typename Scales, typename Zero>
+void lut4_dots(const float* x, const float* xsums, const uint8_t* packed, const float* lut,
+               const void* tables, Scales scales, Zero zeros, int64_t K, int64_t group, bool simd,
+               float* dots) {
+  for (int r = 0; r < R; ++r) dots[r] = 0.f;
+#ifdef __AVX2__
+  if (simd) {
+    const ByteTables& t = *static_cast<const ByteTables*>(tables);
+    if (group % 32 == 0) {
+      lut4_dots_by_group<R, Planes>(x, xsums, packed, t, scales, zeros, K, group, dots);
+      return;
+    }
+    lut4_dots_by_half<R, Planes>(x, packed, t, scales, zeros, K, group, dots);
+    for (int64_t k = K / 32 * 32; k < K; ++k) {  // a last 16 columns
       float w = lut4_weight(packed, lut, scales[k / group], zeros[k / group], k);
       for (int r = 0; r < R; ++r) dots[r] += x[r * K + deinterleaved(k)] * w;
     }
     return;
   }
 #endif
-  for (; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     float w = lut4_weight(packed, lut, scales[k / group], zeros[k / group], k);
     for (int r = 0; r < R; ++r) dots[r] += x[r * K + k] * w;
   }
@@ -204,20 +250,24 @@ void run_lut4(const at::Tensor& x, at::Tensor& y, const float* bias, const uint8
               const float* lut, Scales scales, Zero zeros, int64_t group) {
   int64_t M = x.size(0), K = x.size(1), groups = K / group;
   bool simd = false;
-  at::Tensor xs = x;
+  at::Tensor xs = x, xsums;
 #ifdef __AVX2__
   ByteTables tables = byte_tables(lut);
   simd = M < LARGE_M && group % 16 == 0;
   if (simd) xs = deinterleave8(x);
+  // Per-group sums of the x rows, for the zero points of lut4_dots_by_group.
+  if (Zero::any && simd) xsums = x.reshape({M, groups, group}).sum(-1).contiguous();
   const void* table_ptr = &tables;
 #else
   const void* table_ptr = nullptr;
 #endif
   const float* xp = xs.data_ptr<float>();
+  const float* sums = xsums.defined() ? xsums.data_ptr<float>() : nullptr;
   auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {
     constexpr int R = decltype(rows)::value;
     auto row = [&](auto planes) {
-      lut4_dots<R, decltype(planes)::value>(xp + m * K, packed + o * (K / 2), lut, table_ptr,
+      lut4_dots<R, decltype(planes)::value>(xp + m * K, sums ? sums + m * groups : nullptr,
+                                            packed + o * (K / 2), lut, table_ptr,
                                             scales.shifted(o * groups), zeros.shifted(o * groups),
                                             K, group, simd, out);
     };
