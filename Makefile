@@ -35,6 +35,7 @@ bench: $(STAMP) system-deps
 	$(PY) benchmarks/dump_scale.py
 	$(PY) benchmarks/quant_cpu.py
 	$(PY) benchmarks/quant_quality.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/prune_drop_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
