@@ -253,17 +253,17 @@ void run_linear(const at::Tensor& x, at::Tensor& y, const float* bias, Dots&& do
 
 // The functions module.cpp exposes to Python; each validates its arguments.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
-                          const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
+                       const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
 at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& qweight,
-                                  const at::Tensor& weight_scales,
-                                  const c10::optional<at::Tensor>& bias);
+                               const at::Tensor& weight_scales,
+                               const c10::optional<at::Tensor>& bias);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed,
-                          const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+                       const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size);
 at::Tensor lut4_linear(const at::Tensor& x, const at::Tensor& packed,
-                          const at::Tensor& lut, const at::Tensor& scales,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+                       const at::Tensor& lut, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size);
 at::Tensor lut8_linear(const at::Tensor& x, const at::Tensor& codes,
-                          const at::Tensor& lut, const at::Tensor& scales,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size);
+                       const at::Tensor& lut, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size);
 at::Tensor hadamard_rotate(const at::Tensor& x, const at::Tensor& signs);

@@ -151,8 +151,8 @@ void int8_int8_dots(const int16_t* xq, const int8_t* w, int64_t K, int32_t* dots
 
 // x: float32 [..., K]; qweight: int8 [N, K]; scales: float32 [N]; bias: [N] or None.
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight,
-                          const at::Tensor& scales_in,
-                          const c10::optional<at::Tensor>& bias) {
+                       const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& bias) {
   const char* op = "slimgraph int8_linear";
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op,
               ": qweight must be a 2-D int8 [out, in] tensor.");
@@ -186,8 +186,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight,
 // Each row of x is quantized to int8 with its own scale max|x| / 127, the products are
 // summed exactly in int32, and y = sum * x_scale * weight_scale + bias.
 at::Tensor int8_dynamic_linear(const at::Tensor& x_in, const at::Tensor& qweight,
-                                  const at::Tensor& weight_scales_in,
-                                  const c10::optional<at::Tensor>& bias) {
+                               const at::Tensor& weight_scales_in,
+                               const c10::optional<at::Tensor>& bias) {
   const char* op = "slimgraph int8_dynamic_linear";
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op,
               ": qweight must be a 2-D int8 [out, in] tensor, got ", qweight.scalar_type(), " ",

@@ -393,9 +393,9 @@ void dequantize_lut8_tile(const uint8_t* codes, Decoder decoder, Scales scales, 
 // scales: float32 or float16 [N, K/group]; zeros: uint8 or float [N, K/group], or None
 // for symmetric codes (zero point 8); bias: [N] or None. w = (q - zero) * scale.
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
-                          const at::Tensor& scales_in,
-                          const c10::optional<at::Tensor>& zeros_in,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size) {
+                       const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& zeros_in,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
   const char* op = "slimgraph int4_linear";
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
               ": packed must be a 2-D uint8 [out, in/2] tensor.");
@@ -441,8 +441,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
 // float32 [16]; scales: float32, float16, uint8 (e8m0) or float8_e4m3fn [N, K/group];
 // bias: [N] or None. w[o, k] = lut[code(o, k)] * scales[o, k / group].
 at::Tensor lut4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
-                          const at::Tensor& lut_in, const at::Tensor& scales_in,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size) {
+                       const at::Tensor& lut_in, const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
   const char* op = "slimgraph lut4_linear";
   TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
               ": packed must be a 2-D uint8 [out, in/2] tensor, got ", packed_in.scalar_type(),
@@ -470,8 +470,8 @@ at::Tensor lut4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
 // x: float32 [..., K]; codes: uint8 [N, K/D]; lut: float32 [256, D] with D = 1 or 2;
 // scales and bias as for lut4_linear. w[o, D*j + i] = lut[codes[o, j], i] * scale.
 at::Tensor lut8_linear(const at::Tensor& x_in, const at::Tensor& codes_in,
-                          const at::Tensor& lut_in, const at::Tensor& scales_in,
-                          const c10::optional<at::Tensor>& bias, int64_t group_size) {
+                       const at::Tensor& lut_in, const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
   const char* op = "slimgraph lut8_linear";
   TORCH_CHECK(lut_in.scalar_type() == at::kFloat && lut_in.dim() == 2 &&
                   lut_in.size(0) == 256 && (lut_in.size(1) == 1 || lut_in.size(1) == 2),
