@@ -36,13 +36,18 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from rich.progress import track
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from slimgraph.errors import PassError, PipelineError
 from slimgraph.ir.nodes import get_attr_value
 from slimgraph.ir.shapes import propagate_shapes
-from slimgraph.passes.activations import input_statistics, squared_column_norms
+from slimgraph.passes.activations import (
+    PROGRESS_AFTER_BATCHES,
+    input_statistics,
+    squared_column_norms,
+)
 from slimgraph.passes.coupling import CoupledSet, TensorSlice, find_coupled_sets
 from slimgraph.passes.manager import PassContext, PassResult
 
@@ -298,7 +303,8 @@ def _gradients(gm: fx.GraphModule, ctx: PassContext, targets: list[str]) -> dict
     leaves = {t: get_attr_value(gm, t).detach().requires_grad_(True) for t in targets}
     totals = {t: torch.zeros_like(leaf) for t, leaf in leaves.items()}
     with torch.enable_grad():
-        for args, kwargs in ctx.calibration:
+        for args, kwargs in track(ctx.calibration, description="prune: Taylor gradients", transient=True,
+                                  disable=len(ctx.calibration) < PROGRESS_AFTER_BATCHES):
             loss = _taylor_loss(torch.func.functional_call(gm, leaves, args, kwargs))
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for target, grad in zip(leaves, grads, strict=True):
