@@ -50,6 +50,7 @@ from slimgraph.ir.graph_utils import eliminate_dead_code, unique_attribute_name
 from slimgraph.ir.views import EmbeddingView, LinearView, find_all
 from slimgraph.passes.activations import input_statistics, squared_column_norms
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
+from slimgraph.passes.prune_structured import prune_structured, validate_structured
 from slimgraph.passes.quantize import HEAD_NAMES
 
 MASK_CRITERIA = ("magnitude", "wanda")
@@ -81,15 +82,7 @@ class Prune(Pass):
             self._reject_changed(
                 ("sparsity", "scope"), "kind=structured removes ratio=... of each group set"
             )
-            if not 0 < self.ratio < 1:
-                raise PipelineError(
-                    f"pass 'prune': ratio={self.ratio:g} must be between 0 and 1 (exclusive): the "
-                    "fraction of each set of coupled groups removed, e.g. ratio=0.5"
-                )
-            if self.round_to < 1:
-                raise PipelineError(
-                    f"pass 'prune': round_to={self.round_to} must be >= 1 (1 = no rounding)"
-                )
+            validate_structured(self.target, self.ratio, self.criterion, self.round_to)
         else:
             self._reject_changed(("target", "ratio", "round_to"), "they apply to kind=structured")
             if self.criterion not in MASK_CRITERIA:
@@ -135,8 +128,7 @@ class Prune(Pass):
         return n, m
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.kind == "structured":  # imported here: the structured pass lives in its own module
-            from slimgraph.passes.prune_structured import prune_structured
+        if self.kind == "structured":
 
             return prune_structured(
                 gm, ctx, target=self.target, ratio=self.ratio, criterion=self.criterion,
