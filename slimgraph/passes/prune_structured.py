@@ -261,9 +261,10 @@ def _input_norms(
 ) -> dict[tuple[fx.Node, bool], torch.Tensor]:
     """‖X_j‖ per input feature of every weighted layer, over the calibration batches.
 
-    ``input_statistics`` records a node's first argument, and a layer's input is not always that
-    (``addmm(bias, x, W)``), so the statistics run on a copy of the graph with a probe
-    ``alias(x)`` after each input (conv inputs moved channels-last first).
+    The statistic is per input *node* (layers reading the same tensor share it) and a conv's
+    features are its channels, dim 1, where ``squared_column_norms`` reduces over the last dim:
+    so the statistics run on a copy of the graph with a probe ``alias(x)`` after each input
+    (conv inputs moved channels-last first).
     """
     with (
         warnings.catch_warnings()
