@@ -144,7 +144,9 @@ def test_op_equals_linear_with_the_dequantized_weight(kernel_path, bits, p, with
                         None if bias is None else bias.double())
     y = packed(x, bias)
     assert y.shape == (2, 3, 48) and y.dtype == torch.float32
-    torch.testing.assert_close(y, expected.float(), rtol=1e-4, atol=1e-4)
+    # The native batch-1 path rounds x and the grid to 16-bit fixed point (kernels/native.py):
+    # about 4e-5 of these unit-scale outputs in norm, up to ~2e-4 for one of them.
+    torch.testing.assert_close(y, expected.float(), rtol=1e-4, atol=3e-4)
 
 
 @pytest.mark.parametrize("shape", [(256,), (1, 256), (5, 256), (2, 2, 2, 256), (33, 256)])

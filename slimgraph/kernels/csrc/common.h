@@ -8,8 +8,11 @@
 //   * OpenMP splits the output rows (one weight row each) across threads, in
 //     dynamic chunks: on a busy machine a statically assigned thread that is
 //     not scheduled stalls the whole call for a time slice (measured 8-12 ms).
-//   * The inner loops widen weights to fp32 with AVX2 and FMA them into the
-//     activations (scalar loops when built without AVX2, and for k tails).
+//   * The batch-1 loops (int8, int4 and the 4-bit tables) multiply 16-bit integers:
+//     x rounded to fixed point per 32 columns (fixed_point_x) against the weights
+//     widened to int16, so no weight is ever converted to fp32. fp8 and HIGGS p=2
+//     (lut8) widen weights to fp32 and FMA them (scalar loops without AVX2 and for
+//     k tails everywhere).
 //   * Up to ROWS_PER_PASS rows of x share one pass over the weights, so a
 //     batch of M reads the weight ceil(M / 4) times, all passes in one parallel
 //     region (see gemv).
@@ -17,9 +20,10 @@
 //     dequantizes a tile of weight rows to fp32 and at::mm (a blocked GEMM)
 //     multiplies it (run_linear), so no caller needs a fallback for large batches.
 //
-// Summation order differs from the torch reference (x @ W.T); results agree to
-// fp32 rounding, not bit for bit. Each weight itself is dequantized with the
-// reference's roundings (lut[code] * scale).
+// Summation order differs from the torch reference (x @ W.T), and the batch-1 loops
+// round x (and non-dyadic 4-bit tables) as fixed_point_x describes: results agree
+// with the reference to about 1e-5 relative, not bit for bit. The tiled path
+// dequantizes each weight with the reference's roundings (lut[code] * scale).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -248,6 +252,71 @@ void run_linear(const at::Tensor& x, at::Tensor& y, const float* bias, Dots&& do
     store_outputs<R>(out, bias, o, yp + m * N, N);
   });
 }
+
+// ---- activations in 16-bit fixed point (the batch-1 paths) -------------------------
+//
+// Widening every weight to fp32 costs more than reading it: the batch-1 loops spent 13
+// shuffles per 32 4-bit weights assembling floats. They multiply 16-bit integers instead
+// (vpmaddwd: 16 multiply-adds per instruction), so x is rounded to 16-bit fixed point
+// per chunk of 32 columns: xq = round(x * 32767 / max|x|), the scale kept per chunk.
+// The error is at most 2^-16 max|x| over the chunk per entry (a relative output error
+// of about 1e-5, against ~1e-1 for the 4-bit weights themselves); a chunk holding
+// inf or NaN gets a NaN scale, so its outputs are NaN, never a silently finite value.
+// A chunk's four products per int32 lane stay below 2^31 while |w| <= 16384.
+constexpr int64_t CHUNK = 32;
+constexpr float X_LEVELS = 32767.f;
+constexpr float MAX_WEIGHT_LEVEL = 16384.f;
+
+// Rows of x in fixed point, from some row on: plain values an inner loop keeps in registers.
+struct FixedPointRows {
+  const int16_t* q = nullptr;  // [rows, chunks * CHUNK], chunk columns in the kernel's order
+  const float* s = nullptr;    // [rows, chunks]: x ≈ q * s
+  int64_t chunks = 0;          // per row
+
+  const int16_t* chunk(int64_t row, int64_t c) const { return q + (row * chunks + c) * CHUNK; }
+  float scale(int64_t row, int64_t c) const { return s[row * chunks + c]; }
+  FixedPointRows from(int64_t row) const { return {chunk(row, 0), s + row * chunks, chunks}; }
+};
+
+struct FixedPointX {  // the tensors that own a call's fixed-point rows
+  at::Tensor values, scales;
+  FixedPointRows rows;
+};
+
+// x [M, K] (float32, contiguous) in fixed point; position i of each chunk holds column
+// column_of(i) of that chunk, and every scale is multiplied by `factor` (a weight
+// table's 1/t). Tail columns past the last whole chunk are left to the caller.
+template <typename Order>
+FixedPointX fixed_point_x(const at::Tensor& x, float factor, Order column_of) {
+  int64_t M = x.size(0), K = x.size(1), chunks = K / CHUNK;
+  at::Tensor values = at::empty({M, chunks * CHUNK}, x.options().dtype(at::kShort));
+  at::Tensor scale_tensor = at::empty({M, chunks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int16_t* q = values.data_ptr<int16_t>();
+  float* scales = scale_tensor.data_ptr<float>();
+  for (int64_t c = 0; c < M * chunks; ++c) {
+    const float* chunk = xp + (c / chunks) * K + (c % chunks) * CHUNK;
+    float largest = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < CHUNK; ++i) {
+      largest = std::max(largest, std::fabs(chunk[i]));
+      sum += chunk[i];  // inf or NaN anywhere makes it non-finite
+    }
+    float inverse = largest > 0.f ? X_LEVELS / largest : 0.f;
+    bool finite = std::isfinite(sum);
+    scales[c] = finite ? largest / X_LEVELS * factor : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t i = 0; i < CHUNK; ++i)
+      q[c * CHUNK + i] = finite ? static_cast<int16_t>(std::lrint(chunk[column_of(i)] * inverse)) : 0;
+  }
+  return {values, scale_tensor, {q, scales, chunks}};
+}
+
+inline int64_t same_column(int64_t i) { return i; }
+
+#ifdef __AVX2__
+inline __m256i load16(const int16_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+#endif
 
 }  // namespace
 

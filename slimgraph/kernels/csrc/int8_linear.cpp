@@ -8,54 +8,44 @@ namespace {
 // ---- int8 weights, float activations -----------------------------------------
 
 #ifdef __AVX2__
-// 16 int8 weights -> two vectors of 8 floats.
-inline void widen_int8(const int8_t* w, __m256& lo, __m256& hi) {
-  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+// acc[r] += (x row r) . w over chunk c: the int8 weights widened to int16, two vpmaddwd,
+// one float FMA with the chunk's x scale (see fixed_point_x).
+template <int R>
+inline void int8_chunk(const FixedPointRows& x, const int8_t* w, int64_t c, __m256* acc) {
+  __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * CHUNK)));
+  __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * CHUNK + 16)));
+  for (int r = 0; r < R; ++r) {
+    const int16_t* xq = x.chunk(r, c);
+    __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w0, load16(xq)), _mm256_madd_epi16(w1, load16(xq + 16)));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x.scale(r, c)), acc[r]);
+  }
 }
 #endif
 
-// Independent FMA chains per x row: one chain would wait on FMA latency, not memory.
-// Four rows x two chains plus the weights still fit the 16 ymm registers.
+// dots[r] = sum_k x[m + r, k] * w[k]: whole chunks from the fixed-point rows (one x row
+// alternates two accumulators, so FMA latency does not bound it), the rest in float.
 template <int R>
-constexpr int chains() { return R <= 2 ? 4 : 2; }
-
-// dots[r] = sum_k x[r, k] * w[k] for R rows of x (row stride K).
-template <int R>
-void int8_dots(const float* x, const int8_t* w, int64_t K, float* dots) {
+void int8_dots(const float* xf, const FixedPointRows& fixed, int64_t m, const int8_t* w, int64_t K,
+               float* dots) {
   int64_t k = 0;
-#ifdef __AVX2__
-  constexpr int C = chains<R>();
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (; k + 32 <= K; k += 32) {
-    __m256 v[4];
-    widen_int8(w + k, v[0], v[1]);
-    widen_int8(w + k + 16, v[2], v[3]);
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i)
-        acc[r][i % C] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
-  }
-  for (; k + 16 <= K; k += 16) {
-    __m256 lo, hi;
-    widen_int8(w + k, lo, hi);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * K + k), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * K + k + 8), acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-    dots[r] = horizontal_sum(acc[r][0]);
-  }
-#else
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
+#ifdef __AVX2__
+  const FixedPointRows x = fixed.from(m);
+  int64_t chunks = K / CHUNK, c = 0;
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  if constexpr (R == 1)
+    for (; c + 2 <= chunks; c += 2) {
+      int8_chunk<R>(x, w, c, even);
+      int8_chunk<R>(x, w, c + 1, odd);
+    }
+  for (; c < chunks; ++c) int8_chunk<R>(x, w, c, even);
+  for (int r = 0; r < R; ++r) dots[r] = horizontal_sum(_mm256_add_ps(even[r], odd[r]));
+  k = chunks * CHUNK;
 #endif
   for (; k < K; ++k) {
     float wk = static_cast<float>(w[k]);
-    for (int r = 0; r < R; ++r) dots[r] += x[r * K + k] * wk;
+    for (int r = 0; r < R; ++r) dots[r] += xf[(m + r) * K + k] * wk;
   }
 }
 
@@ -169,11 +159,13 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight,
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
+  FixedPointX fixed;
+  if (M < LARGE_M) fixed = fixed_point_x(x, 1.f, same_column);
   run_linear(
       x, y, b,
       [&](auto rows, int64_t m, int64_t o, float* dots) {
         constexpr int R = decltype(rows)::value;
-        int8_dots<R>(xp + m * K, qp + o * K, K, dots);
+        int8_dots<R>(xp, fixed.rows, m, qp + o * K, K, dots);
         for (int r = 0; r < R; ++r) dots[r] *= sp[o];
       },
       [&](int64_t start, int64_t rows, float* w) {

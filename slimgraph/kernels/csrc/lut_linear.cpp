@@ -32,169 +32,165 @@ inline float lut4_weight(const uint8_t* packed_row, const float* lut, float scal
 
 // ---- 4-bit codes: batch-1 kernel -----------------------------------------------
 
-// Codes become floats by byte lookups (vpshufb), not by a float permute per 8 weights
-// (vpermps + blend, 1.4x slower on Zen 3): table byte j of all 16 entries sits in one
-// register, four lookups give the four bytes of 32 weights, and two rounds of unpacks
-// put them together. The unpacks interleave, so 32 consecutive columns come out as
-// four vectors, each 8 columns as [0, 2, 4, 6, 1, 3, 5, 7]: x is permuted the same way
-// once per call (deinterleave8) and the products line up. Tables whose entries have
-// zero low 16 bits (small integers, e2m1) need only the two high bytes: Planes = 2.
+// Codes become 16-bit integers by byte lookups: the table round(lut * t) split into its
+// low and high bytes, one vpshufb each per 32 codes, one round of unpacks to join them
+// (5 shuffles per 32 weights where assembling fp32 took 13), then vpmaddwd with x in
+// fixed point (see fixed_point_x). The unpacks interleave, so a chunk's 32 columns
+// come out as two vectors ordered [0, 2, .., 14, 1, 3, .., 15] and [16, 18, .., 30,
+// 17, .., 31]; x is laid out in that order (nibble_order) and the products line up.
 #ifdef __AVX2__
-struct ByteTables {
-  __m256i planes[4];
-  int count;  // 2 when every entry's two low bytes are zero, else 4
+struct Int16Table {
+  __m256i low, high;  // the bytes of round(lut * t), each 16 entries twice (both lanes)
+  float inverse;      // 1 / t, folded into the x scales
 };
 
-ByteTables byte_tables(const float* lut) {
-  alignas(32) uint8_t bytes[4][32];
-  bool low_zero = true;
+// t is a power of two where that represents every entry exactly (integer codes, e2m1:
+// no rounding at all), else the largest t with |lut * t| <= MAX_WEIGHT_LEVEL, so an
+// entry is off by at most 2^-15 of the largest one.
+Int16Table int16_table(const float* lut) {
+  float largest = 0.f;
+  for (int v = 0; v < 16; ++v) largest = std::max(largest, std::fabs(lut[v]));
+  float t = largest > 0.f ? MAX_WEIGHT_LEVEL / largest : 1.f;
+  float power = std::exp2(std::floor(std::log2(t)));
+  if (std::all_of(lut, lut + 16, [&](float v) { return std::nearbyint(v * power) == v * power; }))
+    t = power;
+  alignas(32) uint8_t low[32], high[32];
   for (int v = 0; v < 16; ++v) {
-    uint32_t bits;
-    std::memcpy(&bits, lut + v, sizeof(bits));
-    low_zero = low_zero && (bits & 0xFFFF) == 0;
-    for (int j = 0; j < 4; ++j) bytes[j][v] = bytes[j][v + 16] = (bits >> (8 * j)) & 0xFF;
+    auto level = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(lut[v] * t)));
+    low[v] = low[v + 16] = static_cast<uint8_t>(level & 0xFF);
+    high[v] = high[v + 16] = static_cast<uint8_t>(level >> 8);
   }
-  ByteTables tables{{}, low_zero ? 2 : 4};
-  for (int j = 0; j < 4; ++j)
-    tables.planes[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
-  return tables;
+  return {_mm256_load_si256(reinterpret_cast<const __m256i*>(low)),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(high)), 1.f / t};
 }
 
-// 16 packed bytes (32 codes) -> w[i] = the unscaled values of columns 8i..8i+7, permuted.
-template <int Planes>
-inline void lookup32(const uint8_t* bytes, const ByteTables& t, __m256 w[4]) {
+// 16 packed bytes (32 codes) -> the 16-bit table values of columns 0..15 and 16..31.
+inline void lookup32(const uint8_t* bytes, const Int16Table& t, __m256i& first, __m256i& second) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
   __m128i mask = _mm_set1_epi8(0x0F);
   // Lane 0: the low nibbles (even columns), lane 1: the high ones (odd columns).
   __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask),
                                    _mm_and_si128(v, mask));
-  __m256i b2 = _mm256_shuffle_epi8(t.planes[2], codes), b3 = _mm256_shuffle_epi8(t.planes[3], codes);
-  __m256i high_first = _mm256_unpacklo_epi8(b2, b3), high_second = _mm256_unpackhi_epi8(b2, b3);
-  __m256i low_first = _mm256_setzero_si256(), low_second = _mm256_setzero_si256();
-  if constexpr (Planes == 4) {
-    __m256i b0 = _mm256_shuffle_epi8(t.planes[0], codes);
-    __m256i b1 = _mm256_shuffle_epi8(t.planes[1], codes);
-    low_first = _mm256_unpacklo_epi8(b0, b1);
-    low_second = _mm256_unpackhi_epi8(b0, b1);
-  }
-  w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_first, high_first));
-  w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_first, high_first));
-  w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_second, high_second));
-  w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_second, high_second));
+  __m256i low = _mm256_shuffle_epi8(t.low, codes), high = _mm256_shuffle_epi8(t.high, codes);
+  first = _mm256_unpacklo_epi8(low, high);
+  second = _mm256_unpackhi_epi8(low, high);
 }
 #endif
 
-// Where column k of x sits after deinterleave8.
-inline int64_t deinterleaved(int64_t k) {
-  int64_t j = k & 7;
-  return (k - j) + (j & 1) * 4 + (j >> 1);
-}
+// The chunk column at position i of lookup32's output.
+inline int64_t nibble_order(int64_t i) { return (i & 16) + 2 * (i & 7) + ((i >> 3) & 1); }
 
-// x [M, K] -> the column order lookup32 produces; K is a multiple of 8.
-at::Tensor deinterleave8(const at::Tensor& x) {
-  int64_t M = x.size(0), K = x.size(1);
-  return x.reshape({M, K / 8, 4, 2}).transpose(2, 3).contiguous().reshape({M, K});
-}
-
-// Four rows x one chain, two rows x two, one row x four: chains hide the FMA latency and
-// everything stays in the 16 ymm registers.
-template <int R>
-constexpr int lut4_chains() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+// One call's x as each path reads it: float rows in column order (scalar loops, tails,
+// zero points) and the fixed-point rows of the AVX2 loops.
+struct Lut4Inputs {
+  const float* x;         // [M, K]
+  FixedPointRows fixed;   // nibble_order, scales times the table's 1/t; q null without AVX2
+  const float* xsums;     // [M, groups]: x summed over each group, for zero points
+  int64_t K;
+};
 
 #ifdef __AVX2__
-// Groups of a multiple of 32 columns: the unscaled products of a group are summed, then
-// scaled once (scaling every weight instead is 15% slower); the zero points come off as
-// zero * scale * (sum of x over the group), from xsums [R, groups].
-template <int R, int Planes, typename Scales, typename Zero>
-void lut4_dots_by_group(const float* x, const float* xsums, const uint8_t* packed,
-                        const ByteTables& t, Scales scales, Zero zeros, int64_t K, int64_t group,
-                        float* dots) {
-  constexpr int C = lut4_chains<R>();
-  int64_t groups = K / group;
+// acc[r] += (x row r) . (table values) over chunk c: two int32 dot products of 16 pairs,
+// one float FMA with the chunk's x scale. `x` holds the block's rows from its first on.
+template <int R>
+inline void lut4_chunk(const FixedPointRows& x, const uint8_t* packed, const Int16Table& t,
+                       int64_t c, __m256* acc) {
+  __m256i first, second;
+  lookup32(packed + c * (CHUNK / 2), t, first, second);
+  for (int r = 0; r < R; ++r) {
+    const int16_t* xq = x.chunk(r, c);
+    __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(first, load16(xq)),
+                                    _mm256_madd_epi16(second, load16(xq + 16)));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x.scale(r, c)), acc[r]);
+  }
+}
+
+// Groups of a multiple of 32 columns: a group's chunks are summed, then scaled once. One
+// x row alternates two accumulators over the chunks, so FMA latency does not bound it.
+template <int R, typename Scales>
+void lut4_dots_by_group(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
+                        const Int16Table& table, Scales scales, int64_t group, float* dots) {
+  const Int16Table t = table;  // copies, so the loops keep them in registers
+  const FixedPointRows x = in.fixed.from(m);
+  const int64_t per_group = group / CHUNK, groups = in.K / group;
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      __m256 w[4];
-      lookup32<Planes>(packed + k / 2, t, w);
-      for (int r = 0; r < R; ++r)
-        for (int i = 0; i < 4; ++i)
-          acc[r][i % C] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
-    }
-    float scale = scales[g];
-    for (int r = 0; r < R; ++r) {
-      for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      total[r] = _mm256_fmadd_ps(acc[r][0], _mm256_set1_ps(scale), total[r]);
-      if constexpr (Zero::any) dots[r] -= scale * zeros[g] * xsums[r * groups + g];
-    }
+    __m256 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t c = g * per_group, end = c + per_group;
+    if constexpr (R == 1)
+      for (; c + 2 <= end; c += 2) {
+        lut4_chunk<R>(x, packed, t, c, even);
+        lut4_chunk<R>(x, packed, t, c + 1, odd);
+      }
+    for (; c < end; ++c) lut4_chunk<R>(x, packed, t, c, even);
+    __m256 scale = _mm256_set1_ps(scales[g]);
+    for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, total[r]);
   }
   for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(total[r]);
 }
 
-// Groups of an odd multiple of 16 (NVFP4's 16): each half of a 32-column chunk has its own
-// scale, so the weights are scaled (and shifted by the zero point) before the FMAs.
-template <int R, int Planes, typename Scales, typename Zero>
-void lut4_dots_by_half(const float* x, const uint8_t* packed, const ByteTables& t, Scales scales,
-                       Zero zeros, int64_t K, int64_t group, float* dots) {
-  constexpr int C = lut4_chains<R>();
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+// Groups of an odd multiple of 16 (NVFP4's 16): each 16-column half of a chunk can have
+// its own scale, so the halves are scaled apart, into two accumulators.
+template <int R, typename Scales>
+void lut4_dots_by_half(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
+                       const Int16Table& table, Scales scales, int64_t group, float* dots) {
+  const Int16Table t = table;
+  const FixedPointRows x = in.fixed.from(m);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   int64_t halves_per_group = group / 16, g = 0, left = halves_per_group;
-  for (int64_t k = 0; k + 32 <= K; k += 32) {
-    __m256 w[4];
-    lookup32<Planes>(packed + k / 2, t, w);
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    __m256i halves[2];
+    lookup32(packed + c * (CHUNK / 2), t, halves[0], halves[1]);
     for (int h = 0; h < 2; ++h) {
-      __m256 scale = _mm256_set1_ps(scales[g]);
-      for (int i = 2 * h; i < 2 * h + 2; ++i) {
-        if constexpr (Zero::any) w[i] = _mm256_sub_ps(w[i], _mm256_set1_ps(zeros[g]));
-        w[i] = _mm256_mul_ps(w[i], scale);
-      }
+      float scale = scales[g];
       if (--left == 0) {
         ++g;
         left = halves_per_group;
       }
+      for (int r = 0; r < R; ++r) {
+        __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(halves[h], load16(x.chunk(r, c) + 16 * h)));
+        float x_scale = x.scale(r, c) * scale;
+        acc[r][h] = _mm256_fmadd_ps(sums, _mm256_set1_ps(x_scale), acc[r][h]);
+      }
     }
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i)
-        acc[r][i % C] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + k + 8 * i), acc[r][i % C]);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 1; c < C; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-    dots[r] += horizontal_sum(acc[r][0]);
-  }
+  for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 #endif
 
-// dots[r] = sum_k x[r, k] * (lut[code_k] - zero_g) * scale_g over one weight row, with
-// x permuted by deinterleave8 when simd (AVX2 and group % 16 == 0, so each 16-column
-// half of a 32-column chunk lies in one group).
-template <int R, int Planes, typename Scales, typename Zero>
-void lut4_dots(const float* x, const float* xsums, const uint8_t* packed, const float* lut,
-               const void* tables, Scales scales, Zero zeros, int64_t K, int64_t group, bool simd,
-               float* dots) {
+// dots[r] = sum_k x[m + r, k] * (lut[code_k] - zero_g) * scale_g over one weight row.
+// With the fixed-point rows (AVX2, group a multiple of 16) the whole chunks go through
+// the vector loops and zero points come off as zero * scale * the group's x sum; a last
+// 16 columns, other groups and builds without AVX2 run in float.
+template <int R, typename Scales, typename Zero>
+void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const float* lut,
+               const void* table, Scales scales, Zero zeros, int64_t group, float* dots) {
+  int64_t K = in.K;
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
 #ifdef __AVX2__
-  if (simd) {
-    const ByteTables& t = *static_cast<const ByteTables*>(tables);
-    if (group % 32 == 0) {
-      lut4_dots_by_group<R, Planes>(x, xsums, packed, t, scales, zeros, K, group, dots);
-      return;
+  if (in.fixed.q) {
+    const Int16Table& t = *static_cast<const Int16Table*>(table);
+    if (group % CHUNK == 0)
+      lut4_dots_by_group<R>(in, m, packed, t, scales, group, dots);
+    else
+      lut4_dots_by_half<R>(in, m, packed, t, scales, group, dots);
+    for (int64_t k = in.fixed.chunks * CHUNK; k < K; ++k) {
+      float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
+      for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
     }
-    lut4_dots_by_half<R, Planes>(x, packed, t, scales, zeros, K, group, dots);
-    for (int64_t k = K / 32 * 32; k < K; ++k) {  // a last 16 columns
-      float w = lut4_weight(packed, lut, scales[k / group], zeros[k / group], k);
-      for (int r = 0; r < R; ++r) dots[r] += x[r * K + deinterleaved(k)] * w;
-    }
+    if constexpr (Zero::any)
+      for (int64_t g = 0; g < K / group; ++g)
+        for (int r = 0; r < R; ++r)
+          dots[r] -= scales[g] * zeros[g] * in.xsums[(m + r) * (K / group) + g];
     return;
   }
 #endif
   for (int64_t k = 0; k < K; ++k) {
     float w = lut4_weight(packed, lut, scales[k / group], zeros[k / group], k);
-    for (int r = 0; r < R; ++r) dots[r] += x[r * K + k] * w;
+    for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
   }
 }
 
@@ -249,32 +245,26 @@ template <typename Scales, typename Zero>
 void run_lut4(const at::Tensor& x, at::Tensor& y, const float* bias, const uint8_t* packed,
               const float* lut, Scales scales, Zero zeros, int64_t group) {
   int64_t M = x.size(0), K = x.size(1), groups = K / group;
-  bool simd = false;
-  at::Tensor xs = x, xsums;
+  Lut4Inputs in{x.data_ptr<float>(), {}, nullptr, K};
+  FixedPointX fixed;
+  at::Tensor xsums;
+  const void* table = nullptr;
 #ifdef __AVX2__
-  ByteTables tables = byte_tables(lut);
-  simd = M < LARGE_M && group % 16 == 0;
-  if (simd) xs = deinterleave8(x);
-  // Per-group sums of the x rows, for the zero points of lut4_dots_by_group.
-  if (Zero::any && simd) xsums = x.reshape({M, groups, group}).sum(-1).contiguous();
-  const void* table_ptr = &tables;
-#else
-  const void* table_ptr = nullptr;
+  Int16Table int16 = int16_table(lut);
+  table = &int16;
+  if (M < LARGE_M && group % 16 == 0) {
+    fixed = fixed_point_x(x, int16.inverse, nibble_order);
+    in.fixed = fixed.rows;
+    if (Zero::any) {
+      xsums = x.reshape({M, groups, group}).sum(-1).contiguous();
+      in.xsums = xsums.data_ptr<float>();
+    }
+  }
 #endif
-  const float* xp = xs.data_ptr<float>();
-  const float* sums = xsums.defined() ? xsums.data_ptr<float>() : nullptr;
   auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {
     constexpr int R = decltype(rows)::value;
-    auto row = [&](auto planes) {
-      lut4_dots<R, decltype(planes)::value>(xp + m * K, sums ? sums + m * groups : nullptr,
-                                            packed + o * (K / 2), lut, table_ptr,
-                                            scales.shifted(o * groups), zeros.shifted(o * groups),
-                                            K, group, simd, out);
-    };
-#ifdef __AVX2__
-    if (tables.count == 2) return row(std::integral_constant<int, 2>{});
-#endif
-    row(std::integral_constant<int, 4>{});
+    lut4_dots<R>(in, m, packed + o * (K / 2), lut, table, scales.shifted(o * groups),
+                 zeros.shifted(o * groups), group, out);
   };
   run_linear(x, y, bias, dots, [&](int64_t start, int64_t rows, float* w) {
     dequantize_lut4_tile(packed + start * (K / 2), lut, scales.shifted(start * groups),
@@ -456,6 +446,9 @@ at::Tensor lut4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
   check_scales(scales_in, N, groups, op);
   at::Tensor x = flatten_input(x_in, K, op);
   at::Tensor packed = packed_in.contiguous(), lut = lut_in.contiguous();
+  const float* entries = lut.data_ptr<float>();
+  TORCH_CHECK(std::all_of(entries, entries + 16, [](float v) { return std::isfinite(v); }), op,
+              ": lut must be finite, got ", lut_in, ".");
   at::Tensor scales = scales_in.contiguous();
   at::Tensor bias_holder;
   const float* b = bias_ptr(bias, bias_holder, N, op);
