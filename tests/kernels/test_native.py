@@ -233,6 +233,17 @@ def test_int4_wide_layer_with_a_large_batch(kernels):
     torch.testing.assert_close(got, reference_int4(x, codes, scales, zeros, None, 128), **TOLERANCE)
 
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_large_batches_run_under_inference_mode(kernels, mode):
+    """The tiled path calls ATen on OpenMP threads: they must see the caller's inference mode
+    (else its in-place GEMM into the output throws there, and the process aborts)."""
+    codes, packed, scales, zeros = random_int4(200, 256, 128, False, seed=2)
+    x = torch.randn(40, 256)
+    with mode():
+        got = kernels.int4_linear(x, packed, scales, zeros, None, 128)
+    torch.testing.assert_close(got, reference_int4(x, codes, scales, zeros, None, 128), **TOLERANCE)
+
+
 def test_non_contiguous_input(kernels):
     qweight, scales = random_int8(16, 64, seed=0)
     x = torch.randn(64, 5).T  # [5, 64], column-major

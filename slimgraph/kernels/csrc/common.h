@@ -28,6 +28,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <array>
@@ -187,9 +188,14 @@ template <typename Dequantize>
 void tiled_gemm(const at::Tensor& x, at::Tensor& y, int64_t K, int64_t N,
                 Dequantize&& dequantize) {
   int64_t tiles = (N + TILE_OUT - 1) / TILE_OUT;
+  // ATen calls on OpenMP threads need the caller's thread-local state: without it, under
+  // torch.inference_mode() the worker's addmm_ into y (an inference tensor) throws, and an
+  // exception leaving an OpenMP region ends the process.
+  const at::ThreadLocalState caller_state;
   // at::mm runs single threaded inside the OpenMP region; the tiles carry the parallelism.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
   for (int64_t t = 0; t < tiles; ++t) {
+    at::ThreadLocalStateGuard state(caller_state);
     int64_t start = t * TILE_OUT, rows = std::min(TILE_OUT, N - start);
     at::Tensor w = at::empty({rows, K}, x.options());
     dequantize(start, rows, w.data_ptr<float>());
