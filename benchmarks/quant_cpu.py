@@ -172,10 +172,12 @@ def interleaved_medians(variants: dict[str, tuple[nn.Module, torch.Tensor]], run
     Within a round a variant runs ``settle`` untimed calls before the timed one, so what is
     timed is the model in steady state (as in a decode loop): an fp32 GEMV run just before
     a 4-bit model slowed the 4-bit call by up to 1.5x (thread pool and cache state), which
-    says nothing about either. Rounds still spread drift over all variants alike.
+    says nothing about either. Rounds still spread drift over all variants alike. Everything
+    runs under ``torch.inference_mode()``, as a deployed model should: under ``no_grad``
+    each custom-op call also passes torch's Python autograd wrapper (~15 µs).
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
+    with torch.inference_mode():
         for round_index in range(runs + 1):  # one warm-up round
             for name, (module, inputs) in variants.items():
                 for _ in range(settle):
