@@ -61,9 +61,14 @@ def optimize(
     pipeline = Pipeline.coerce(passes)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     calibration_batches = normalize_calibration(calibration)  # bad data fails before the slow part
-    work = model if inplace else copy.deepcopy(model)
-    # Eval mode: a training-mode reference (live dropout) is random, so no pass could match it.
-    with torch.no_grad(), _eval_mode(work):
+    # Outside inference mode even when called inside it, so the copy and everything the
+    # passes build are normal tensors, whose version counters prove the user's were never
+    # written (the runner's check; inference tensors have none, but torch refuses to write
+    # them outside inference mode). Eval mode: a training-mode reference (live dropout) is
+    # random, so no pass could match it.
+    with torch.inference_mode(False):
+        work = model if inplace else copy.deepcopy(model)
+    with torch.inference_mode(False), torch.no_grad(), _eval_mode(work):
         reference = work(*args, **kwargs)
         start = time.perf_counter()
         gm = capture(work, args, kwargs, dynamic_shapes)

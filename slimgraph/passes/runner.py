@@ -122,7 +122,9 @@ class _Snapshot:
             self.graph = copy.deepcopy(gm.graph)
         self.modules = [(module, dict(vars(module)), {name: dict(vars(module)[name]) for name in _TABLES})
                         for module in gm.modules()]
-        self.versions = [(name, tensor, tensor._version) for name, tensor in _tensors(gm)]
+        # Inference tensors keep no version; passes run outside inference mode, where torch
+        # itself refuses to write them.
+        self.versions = [(name, tensor, tensor._version) for name, tensor in _tensors(gm) if not tensor.is_inference()]
 
     def check_no_tensor_written(self, p: Pass) -> None:
         written = [name for name, tensor, version in self.versions if tensor._version != version]
