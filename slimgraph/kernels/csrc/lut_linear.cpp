@@ -3,6 +3,8 @@
 
 #include "common.h"
 
+#include <numeric>
+
 namespace {
 
 // ---- 4-bit codes: group zero points -------------------------------------------
@@ -255,9 +257,12 @@ void run_lut4(const at::Tensor& x, at::Tensor& y, const float* bias, const uint8
   if (M < LARGE_M && group % 16 == 0) {
     fixed = fixed_point_x(x, int16.inverse, nibble_order);
     in.fixed = fixed.rows;
-    if (Zero::any) {
-      xsums = x.reshape({M, groups, group}).sum(-1).contiguous();
-      in.xsums = xsums.data_ptr<float>();
+    if (Zero::any) {  // a plain loop: an ATen sum costs more than the whole 2048-column row
+      xsums = at::empty({M, groups}, x.options());
+      float* sums = xsums.data_ptr<float>();
+      for (int64_t i = 0; i < M * groups; ++i)
+        sums[i] = std::accumulate(in.x + i * group, in.x + (i + 1) * group, 0.f);
+      in.xsums = sums;
     }
   }
 #endif
