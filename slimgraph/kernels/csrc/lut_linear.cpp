@@ -107,11 +107,13 @@ inline void lut4_chunk(const FixedPointRows& x, const uint8_t* packed, const Int
   }
 }
 
-// Groups of a multiple of 32 columns: a group's chunks are summed, then scaled once. One
-// x row alternates two accumulators over the chunks, so FMA latency does not bound it.
-template <int R, typename Scales>
+// Groups of a multiple of 32 columns: a group's chunks are summed, then scaled once, and
+// its zero point comes off as zero * scale * the group's x sum. One x row alternates two
+// accumulators over the chunks, so FMA latency does not bound it.
+template <int R, typename Scales, typename Zero>
 void lut4_dots_by_group(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
-                        const Int16Table& table, Scales scales, int64_t group, float* dots) {
+                        const Int16Table& table, Scales scales, Zero zeros, int64_t group,
+                        float* dots) {
   const Int16Table t = table;  // copies, so the loops keep them in registers
   const FixedPointRows x = in.fixed.from(m);
   const int64_t per_group = group / CHUNK, groups = in.K / group;
@@ -127,8 +129,11 @@ void lut4_dots_by_group(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
         lut4_chunk<R>(x, packed, t, c + 1, odd);
       }
     for (; c < end; ++c) lut4_chunk<R>(x, packed, t, c, even);
-    __m256 scale = _mm256_set1_ps(scales[g]);
-    for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, total[r]);
+    float scale = scales[g];
+    for (int r = 0; r < R; ++r)
+      total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), _mm256_set1_ps(scale), total[r]);
+    if constexpr (Zero::any)
+      for (int r = 0; r < R; ++r) dots[r] -= scale * zeros[g] * in.xsums[(m + r) * groups + g];
   }
   for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(total[r]);
 }
@@ -175,10 +180,11 @@ void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const flo
 #ifdef __AVX2__
   if (in.fixed.q) {
     const Int16Table& t = *static_cast<const Int16Table*>(table);
-    if (group % CHUNK == 0)
-      lut4_dots_by_group<R>(in, m, packed, t, scales, group, dots);
-    else
-      lut4_dots_by_half<R>(in, m, packed, t, scales, group, dots);
+    if (group % CHUNK == 0) {
+      lut4_dots_by_group<R>(in, m, packed, t, scales, zeros, group, dots);
+      return;
+    }
+    lut4_dots_by_half<R>(in, m, packed, t, scales, group, dots);
     for (int64_t k = in.fixed.chunks * CHUNK; k < K; ++k) {
       float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
       for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
