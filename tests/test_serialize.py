@@ -105,6 +105,23 @@ def test_every_registered_format_round_trips_bit_exact(fmt, tmp_path):
     assert set(loaded.meta["slimgraph_saved"]["formats"].values()) == ({fmt} if applied else set())
 
 
+@pytest.mark.parametrize("fmt", ["w8a8", "llm_int8"])
+def test_smoothquant_models_round_trip_bit_exact(fmt, tmp_path):
+    """SmoothQuant's float32 ``smooth`` buffer (1/s per input channel) is saved and read back with the int8 weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    scale = torch.ones(64)
+    scale[[3, 40]] = 30.0  # outlier channels, so the smoothing factors are far from 1
+    calibration = [(torch.randn(4, 64) * scale,) for _ in range(3)]
+    x = torch.randn(4, 64) * scale
+    optimized = slimgraph.optimize(model, f"quantize(format={fmt}, smooth=0.5)", (x,), calibration=calibration,
+                                   strict=True)
+    loaded = round_trip(optimized, tmp_path, x)
+    smooth = {path: b for path, b in loaded.named_buffers() if path.endswith(".smooth")}
+    assert len(smooth) == 2 and all(b.dtype == torch.float32 and not torch.all(b == 1) for b in smooth.values())
+    assert set(loaded.meta["slimgraph_saved"]["formats"].values()) == {fmt}
+
+
 def test_hf_models_round_trip_bit_exact(hf_model, tmp_path):
     _, model, inputs = hf_model
     round_trip(slimgraph.optimize(model, example_kwargs=inputs), tmp_path, **inputs)
@@ -360,6 +377,28 @@ def test_unknown_operator_names_op_node_and_saving_versions(saved_mlp):
         n for n in g["nodes"] if n["name"] == "linear_int8_default")["target"].update(op="slimgraph::linear_fp3"))
     with pytest.raises(SerializationError, match=r"node 'linear_int8_default': operator slimgraph::linear_fp3.default "
                        r"is not registered.*saved by slimgraph 0.9.0 with torch"):
+        slimgraph.load(path)
+
+
+@pytest.mark.parametrize("edit", ["one argument fewer", "one argument more", "unknown keyword"])
+def test_arguments_that_no_longer_fit_the_operator_name_node_schema_and_fix(saved_mlp, edit):
+    """A file saved before an operator's signature changed (linear_w8a8 gained ``smooth``) must not
+    load with its arguments shifted."""
+    _, _, path = saved_mlp
+
+    def change(graph):
+        node = next(n for n in graph["nodes"] if n["name"] == "linear_int8_default")
+        if edit == "one argument fewer":
+            node["args"] = node["args"][:-1]
+        elif edit == "one argument more":
+            node["args"] = [*node["args"], None]
+        else:
+            node["kwargs"] = {"smooth": None}
+
+    forge(path, metadata={"slimgraph_version": "0.9.0"}, graph=change)
+    with pytest.raises(SerializationError, match=r"node 'linear_int8_default' calls slimgraph.linear_int8.default: "
+                       r"its \d arguments.* do not fit this process's schema slimgraph::linear_int8\(Tensor x.*saved "
+                       r"by slimgraph 0.9.0, whose operator took other arguments: optimize and save the model again"):
         slimgraph.load(path)
 
 

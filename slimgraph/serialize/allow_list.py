@@ -55,6 +55,23 @@ def op_problem(namespace: str, name: str, overload: str | None) -> str | None:
     return None
 
 
+def arguments_problem(op: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """Why ``op(*args, **kwargs)`` does not fit ``op``'s schema (count and names only), or ``None``.
+
+    A file saved before an operator's signature changed would otherwise load and fail, or
+    worse compute, with its arguments shifted.
+    """
+    parameters = op._schema.arguments
+    names = [p.name for p in parameters]
+    given = set(names[: len(args)]) | set(kwargs)
+    missing = [p.name for p in parameters if p.name not in given and not p.has_default_value()]
+    unknown = sorted(set(kwargs) - set(names))
+    if len(args) > len(parameters) or missing or unknown:
+        return (f"its {len(args)} arguments{' and keywords ' + str(unknown) if unknown else ''} do not fit "
+                f"this process's schema {op._schema}")
+    return None
+
+
 @functools.cache
 def python_functions() -> dict[str, Callable[..., Any]]:
     """Name → function for every non-operator call a saved graph may make.

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from slimgraph.errors import SerializationError
 from slimgraph.serialize.allow_list import (
     ATTRIBUTE_PATH,
+    arguments_problem,
     is_identifier,
     is_input_name,
     op_problem,
@@ -196,6 +197,10 @@ class _Loader:
             if target is getattr:
                 self.check(len(args) >= 2 and public_attribute(args[1]),
                            f"node '{name}' reads a private attribute {args[1:2]!r}")
+            if isinstance(target, torch._ops.OpOverload) and (problem := arguments_problem(target, args, kwargs)):
+                raise self.error(f"node '{name}' calls {target}: {problem}; the file was saved by slimgraph "
+                                 f"{self.metadata['slimgraph_version']}, whose operator took other arguments: "
+                                 "optimize and save the model again with this version")
             node = graph.create_node(op, target, tuple(args), kwargs, name=name)
             self.check(node.name == name, f"node name '{name}' clashes with a Python name")
             meta = entry.get("meta")
