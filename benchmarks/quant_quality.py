@@ -4,8 +4,8 @@ The bundled pretrained MiniLM (all-MiniLM-L6-v2) embeds real English sentences
 from the standard library's docstrings, mean-pooled and normalised as
 sentence-transformers does; each format's embeddings are compared with the fp32
 model's by cosine similarity (mean, 1st percentile, min over all sentences).
-Passes that need data (``method=gptq``, ``budget_bits``) calibrate on 128 other
-sentences, never on the ones they are scored on.
+Passes that need data (``method=gptq``, ``budget_bits``, ``smooth``) calibrate on 128
+other sentences, never on the ones they are scored on.
 
     .venv/bin/python benchmarks/quant_quality.py [--sentences 256] [--formats int8 nf4 ...]
 
@@ -31,6 +31,8 @@ FORMATS = {
     "int8": "quantize(format=int8)",
     "w8a8": "quantize(format=w8a8)",
     "llm_int8": "quantize(format=llm_int8)",
+    "w8a8 smooth": "quantize(format=w8a8, smooth=0.5)",
+    "llm_int8 smooth": "quantize(format=llm_int8, smooth=0.5)",
     "fp8": "quantize(format=fp8)",
     "int4": "quantize(format=int4, group_size=32)",
     "nf4": "quantize(format=nf4)",
@@ -47,9 +49,10 @@ FORMATS = {
     "fp4-nv + gptq": "quantize(format=fp4, variant=nv, method=gptq)",
     "fp8 + gptq": "quantize(format=fp8, method=gptq)",
     "higgs-p1 + gptq": "quantize(format=higgs, bits=4, p=1, group_size=128, method=gptq)",
+    "higgs-p2 + gptq": "quantize(format=higgs, bits=4, p=2, group_size=128, method=gptq)",
     "budget 5 bits": "quantize(budget_bits=5, formats=[int8, 'int4(group_size=32)', nf4])",
 }
-EIGHT_BIT = {"int8", "w8a8", "llm_int8", "fp8", "fp8 + gptq"}
+EIGHT_BIT = {"int8", "w8a8", "llm_int8", "w8a8 smooth", "llm_int8 smooth", "fp8", "fp8 + gptq"}
 
 
 def main() -> None:

@@ -5,17 +5,26 @@ like int4 (column ``2j`` in the low nibble). Two variants, after the hardware
 formats:
 
 - ``mx`` (OCP Microscaling MXFP4): blocks of 32 with an e8m0 scale, a uint8
-  exponent ``e`` meaning ``2**(e - 127)``. As in the MX spec the exponent is
-  ``floor(log2(amax)) - 2`` (2 = the exponent of e2m1's largest value, 6), so a
-  block's amax lands in [4, 8) and values above 6 saturate. Rounding the scale up
-  instead (amax / scale ≤ 6, nothing saturates) costs more: 0.01334 MSE on
-  N(0, 1) against 0.01322, the ≈0.0132 of REFERENCES.md. 4.25 bits per weight.
+  exponent ``e`` meaning ``2**(e - 127)``. The MX spec's conversion takes
+  ``e = floor(log2(amax)) - 2`` (2 = the exponent of e2m1's largest value, 6), so a
+  block's amax lands in [4, 8) and values above 6 saturate; ``e + 1`` saturates
+  nothing but rounds the rest more coarsely. Each block takes whichever of the two
+  rounds it with the smaller squared error (ties: the spec's): still a valid MX
+  encoding, any decoder reads it. MSE on N(0, 1) 0.01246 against 0.01323 with
+  the spec's rule alone (the ≈0.0132 of REFERENCES.md) and 0.01334 with the
+  smallest exponent that saturates nothing; MiniLM mean cosine 0.9625 against
+  0.9617. 4.25 bits per weight.
 - ``nv`` (NVFP4): blocks of 16 with a float8 e4m3 scale ``(amax / 6) / global``
   and a float32 per-tensor ``global = amax(tensor) / (6 * 448)`` that keeps the
   block scales inside e4m3's range. 4.5 bits per weight plus 32 per tensor.
 
-GPTQ (``kernels.gptq``) packs mx with the exponent that covers each block's amax
-(``e8m0_covering_exponents``) rather than the MX rule's, which saturates: see ``_grid``.
+GPTQ (``kernels.gptq``) fixes the block scales the same way, from the weight before
+any error update (act-order's static groups), so an identity Hessian gives RTN's
+buffers. Choosing the exponent by error matters more there than for RTN: with the
+spec's rule alone, saturated weights' large errors, pushed by GPTQ onto inputs that
+are rarely active, left MiniLM at mean cosine 0.93–0.95 (RTN: 0.961); the smallest
+exponent that saturates nothing gave 0.976, the error-minimising choice 0.979, with
+act-order 0.981 and with GPTQ's damping at 0.03 0.982 (``benchmarks/quant_quality.py``).
 
 Values round to the nearest e2m1 value, ties to the even code, as hardware does;
 negative values that round to zero keep their sign (code 8, -0.0). The CPU fast
@@ -74,8 +83,9 @@ def quantize_weight_fp4(weight: torch.Tensor, variant: str = "mx") -> dict[str, 
 
 def fp4_scales(blocks: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
     """Per-block scales of ``blocks [..., block]``: e8m0 exponents (mx, no global scale) or e4m3 (nv)."""
-    amax = blocks.abs().amax(dim=-1)
-    return e8m0_block_exponents(amax) if global_scale is None else nv_block_scales(amax, global_scale)
+    if global_scale is None:
+        return e8m0_least_error_exponents(blocks)
+    return nv_block_scales(blocks.abs().amax(dim=-1), global_scale)
 
 
 def encode_fp4(values: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
@@ -97,15 +107,19 @@ def e8m0_block_exponents(amax: torch.Tensor) -> torch.Tensor:
     return (shared + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)  # 255 is e8m0's NaN
 
 
-def e8m0_covering_exponents(amax: torch.Tensor) -> torch.Tensor:
-    """The smallest e8m0 exponent with ``amax / scale ≤ 6``, biased, as uint8: nothing saturates (GPTQ's choice).
+def e8m0_least_error_exponents(blocks: torch.Tensor) -> torch.Tensor:
+    """Per block of ``blocks [..., 32]``: the MX rule's exponent or one more, whichever rounds it closer.
 
-        >>> e8m0_covering_exponents(torch.tensor([6.0, 7.0]))  # 6 fits 2**0; 7 needs 2**1 (the MX rule: 2**0)
-        tensor([127, 128], dtype=torch.uint8)
+    Squared error summed over the block; a tie keeps the MX rule's (biased uint8 exponents)::
+
+        >>> e8m0_least_error_exponents(torch.tensor([[7.5] + [1.0] * 31]))  # 7.5 → 6 under 2**0, → 8 under 2**1
+        tensor([128], dtype=torch.uint8)
     """
-    mantissa, exponent = torch.frexp(amax / E2M1_MAX)  # amax / 6 = m * 2**exponent with m in [0.5, 1)
-    shared = exponent - (mantissa == 0.5).int()  # an exact power of two needs no rounding up
-    return (shared + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)
+    rule = e8m0_block_exponents(blocks.abs().amax(dim=-1))
+    coarser = (rule.int() + 1).clamp(max=2 * E8M0_BIAS).to(torch.uint8)
+    errors = [(decode_fp4(encode_fp4(blocks, e[..., None], None), e[..., None], None) - blocks).pow(2).sum(-1)
+              for e in (rule, coarser)]
+    return torch.where(errors[1] < errors[0], coarser, rule)
 
 
 def nv_global_scale(blocks: torch.Tensor) -> torch.Tensor:
@@ -171,25 +185,15 @@ def _pack(weight: torch.Tensor, options: Fp4Options) -> PackedLinear:
 
 
 def _grid(weight: torch.Tensor, options: Fp4Options) -> ScalarGrid:
-    """nv's per-tensor scale is fixed from ``weight`` (its amax); each block's scale from its current values.
-
-    For mx, GPTQ takes the exponent that covers the block's amax instead of the MX rule's
-    (which saturates amaxes in (6, 8) × scale): GPTQ pushes each weight's error onto
-    the columns after it, and a saturated weight's large error, pushed onto inputs
-    that are rarely active, made MiniLM's embeddings worse than RTN's (mean cosine
-    0.93–0.95 against 0.961; 0.978–0.979 with covering exponents: benchmarks/gptq_minilm.py).
-    """
+    """nv's per-tensor scale is fixed from ``weight`` (its amax); the block scales as RTN's, from the values given."""
     global_scale = nv_global_scale(weight.float()) if options.variant == "nv" else None
-
-    def scales(blocks: torch.Tensor, _: int) -> tuple[torch.Tensor]:
-        amax = blocks.abs().amax(dim=-1)
-        return (e8m0_covering_exponents(amax) if global_scale is None else nv_block_scales(amax, global_scale),)
 
     def packed(codes: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
         buffers = {"packed": pack_nibbles(codes), "scales": scales, "global_scale": global_scale}
         return _packed(buffers, codes.numel(), options)
 
-    return ScalarGrid(options.block_size, scales, lambda values, scales: encode_fp4(values, scales, global_scale),
+    return ScalarGrid(options.block_size, lambda blocks, _: (fp4_scales(blocks, global_scale),),
+                      lambda values, scales: encode_fp4(values, scales, global_scale),
                       lambda codes, scales: decode_fp4(codes, scales, global_scale), packed)
 
 

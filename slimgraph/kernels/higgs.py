@@ -37,12 +37,16 @@ packing is ~8x slower (nearest of 256 points per pair: 33 s against 4 s for a
 4096×4096 weight on 2 cores) and its 256×2 table made the native GEMV ~1.7x slower
 than the 16-entry one in our measurements; pick it when quality matters more.
 
-GPTQ (``method=gptq``, :mod:`slimgraph.kernels.gptq`) supports ``p=1`` at every
-bit width: it rounds ``W·R`` in the rotated basis the codes live in, with the
-Hessian rotated by the same signs, and packs the same three buffers, so the op and
-``dequantize`` are unchanged (MiniLM, 4 bits, group 128: mean cosine 0.962 RTN,
-0.988 GPTQ; ``benchmarks/gptq_minilm.py``). ``p=2`` is RTN only: its grid rounds
-pairs of columns, and GPTQ rounds one column at a time.
+GPTQ (``method=gptq``, :mod:`slimgraph.kernels.gptq`) works at every bit width for
+both grids: it rounds ``W·R`` in the rotated basis the codes live in, with the Hessian
+rotated by the same signs, and packs the same three buffers, so the op and
+``dequantize`` are unchanged. For ``p=2`` it rounds each pair of adjacent columns to
+the nearest 2-D point and spreads both errors over the columns not yet rounded
+(vector GPTQ). MiniLM, 4 bits, group 128, mean sentence-embedding cosine to fp32
+(``benchmarks/quant_quality.py``): p=1 0.961 RTN, 0.988 GPTQ; p=2 0.970 RTN, 0.991
+GPTQ. Rounding each pair to the nearest point in the metric of its 2×2 block of the
+inverse Hessian (GPTVQ's assignment) measured no better (left to right: 0.9902 against
+0.9904), so the pair goes to its plain nearest point.
 """
 
 from __future__ import annotations
@@ -222,33 +226,34 @@ def _rejects(weight: torch.Tensor, options: HiggsOptions) -> str | None:
 
 
 def _grid(weight: torch.Tensor, options: HiggsOptions) -> ScalarGrid:
-    """p=1 as a scalar grid in the rotated basis, for GPTQ: RMS scales, nearest Lloyd–Max level.
+    """The grid in the rotated basis, for GPTQ: RMS scales, nearest Lloyd–Max level (p=1) or 2-D point (p=2).
 
     The functions repeat :func:`~slimgraph.kernels.grids.quantize_groups` step for step
-    (float16 RMS, division by the rounded scale, bucketize), so an identity Hessian
-    gives the RTN buffers bit for bit. p=2 rounds pairs to a 2-D grid, which GPTQ's
-    one-column-at-a-time loop cannot do, so it is refused.
+    (float16 RMS, division by the rounded scale, nearest grid point), so an identity
+    Hessian gives the RTN buffers bit for bit. For p=2 GPTQ rounds each pair of
+    adjacent columns to its nearest 2-D point, then spreads both errors (``dim=2``).
     """
-    if options.p != 1:
-        raise ValueError(f"format 'higgs' with p={options.p} does not support GPTQ: its 2-D grid rounds pairs of "
-                         "columns, GPTQ one column at a time; use p=1 (same bits) or method=rtn")
     signs = random_signs(options.group_size, options.seed)
-    levels = _grid_points(options.bits, 1)[:, 0]
+    points = _grid_points(options.bits, options.p).to(weight.device)
+    grid = points[:, 0] if options.p == 1 else points
 
     def scales(groups: torch.Tensor, first_group: int) -> tuple[torch.Tensor]:
         return (groups.contiguous().pow(2).mean(-1).sqrt().to(torch.float16),)
 
     def encode(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return nearest(values / scale.float().clamp_min(torch.finfo(torch.float32).tiny), levels).to(torch.uint8)
+        normalized = values / scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+        if options.p == 2:
+            normalized = normalized.reshape(*normalized.shape[:-1], -1, 2)
+        return nearest(normalized, grid).to(torch.uint8)
 
     def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return levels[codes.long()] * scale.float()
+        return points[codes.long()].reshape(*codes.shape[:-1], -1) * scale.float()
 
     def packed(codes: torch.Tensor, scale: torch.Tensor) -> PackedLinear:
-        return _packed({"codes": pack_bits(codes, options.bits), "scales": scale, "signs": signs.to(torch.int8)},
-                       options, weight.numel())
+        buffers = {"codes": pack_bits(codes, options.bits * options.p), "scales": scale, "signs": signs.to(torch.int8)}
+        return _packed(buffers, options, weight.numel())
 
-    return ScalarGrid(options.group_size, scales, encode, decode, packed, _GroupRotation(signs, options))
+    return ScalarGrid(options.group_size, scales, encode, decode, packed, _GroupRotation(signs, options), options.p)
 
 
 @dataclass(frozen=True)

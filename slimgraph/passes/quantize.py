@@ -28,6 +28,8 @@ own options win. ``+lorc`` adds a rank-``rank`` correction of the quantization e
 - ``method=gptq``: choose the codes with GPTQ (``kernels/gptq.py``) from the Gram
   matrix of each layer's input on ``optimize(..., calibration=...)``, instead of
   rounding to nearest: same bits, lower output error.
+- ``smooth=α`` (``w8a8``, ``llm_int8``): SmoothQuant (``kernels/w8a8.py``), from each
+  layer's per-channel input ``max |x|`` on ``optimize(..., calibration=...)``.
 - ``budget_bits=B, formats=[SPEC, ...]``: mixed precision. Each layer gets the
   candidate that minimises the predicted output error with the quantized layers
   averaging at most ``B`` bits per weight (``quantize_plan.py``; needs
@@ -39,6 +41,7 @@ In pipeline text (quote specs with parentheses)::
     quantize(format=int4, overrides=[attention:int8, output.dense:skip])
     quantize(format=nf4+lorc, rank=32)
     quantize(format=int4, group_size=32, method=gptq)
+    quantize(format=w8a8, smooth=0.5)
     quantize(format=int8, convs=true, overrides=['stem:skip'])
     quantize(budget_bits=5, formats=[int8, 'int4(group_size=32)', nf4], overrides=[lm_head:int8])
 """
@@ -61,6 +64,7 @@ from slimgraph.ir.views import ConvView, EmbeddingView, LinearView
 from slimgraph.kernels import FORMATS
 from slimgraph.kernels.conv import dequantize_conv_int8, explicit_padding, pack_conv_int8
 from slimgraph.kernels.int8 import quantize_weight_int8
+from slimgraph.kernels.w8a8 import input_absmax, smoothquant_pack
 from slimgraph.passes.activations import gram, input_statistics
 from slimgraph.passes.manager import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.quantize_plan import (
@@ -74,7 +78,7 @@ from slimgraph.passes.quantize_plan import (
     run_on,
 )
 
-FORMAT_OPTIONS = ("group_size", "symmetric", "double_quant", "bits", "p", "seed", "variant", "threshold")
+FORMAT_OPTIONS = ("group_size", "symmetric", "double_quant", "bits", "p", "seed", "variant", "threshold", "smooth")
 HEAD_NAMES = {"lm_head", "head", "classifier", "score", "output", "output_projection"}
 DEFAULT_FORMAT = "int8"
 DEFAULT_CANDIDATES = ("int8", "int4", "nf4")
@@ -99,6 +103,7 @@ class Quantize(Pass):
     seed: int | None = None
     variant: str | None = None
     threshold: float | None = None
+    smooth: float | None = None  # SmoothQuant's α for w8a8/llm_int8 (needs calibration)
     rank: int | None = None  # LoRC rank of +lorc specs (default 16)
     overrides: tuple[str, ...] = ()
     budget_bits: float | None = None
@@ -133,6 +138,9 @@ class Quantize(Pass):
         self._check_pass_level_options(specs)
         if self.method == "gptq":
             _check_gptq_support(specs)
+        if any(_smooths(spec) and spec.lorc_rank for spec in specs):
+            raise PipelineError("pass 'quantize': smooth=α does not combine with +lorc (the correction would be fit "
+                                "to the unsmoothed weight); drop one of them")
         if self.rank is not None and not any(spec.lorc_rank for spec in specs):
             raise PipelineError(f"pass 'quantize': rank={self.rank} only applies to +lorc formats, "
                                 "e.g. format=nf4+lorc")
@@ -158,14 +166,18 @@ class Quantize(Pass):
         return rules
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.budget_bits is not None or self.method == "gptq":
-            require_calibration(ctx.calibration, "budget_bits" if self.method == "rtn" else "method=gptq")
         rules, candidates = self.override_rules(), self.candidate_specs()
+        smoothing = [spec for spec in [*candidates, *(rule.spec for rule in rules if rule.spec)] if _smooths(spec)]
+        need = self._calibration_need(smoothing)
+        if need:
+            require_calibration(ctx.calibration, need)
         views = _linears(gm)
         hessians = self._hessians(gm, ctx, views) if self.method == "gptq" else {}
+        absmax = self._input_absmax(gm, ctx, views) if smoothing else {}
         # Every candidate encoding is kept until the plan is made: with int8, int4 and nf4 about
         # 17 bits per weight on top of the model, half a float32 copy.
-        layers = [self._layer(view, rules, candidates, hessians.get(view.node.name)) for view in views]
+        layers = [self._layer(view, rules, candidates, hessians.get(view.node.name), absmax.get(view.node.name))
+                  for view in views]
         quantized = [layer for layer in layers if layer.candidates]
         plan = self._plan(gm, ctx, quantized) if self.budget_bits is not None and quantized else None
         if self.convs:  # validate() keeps the planner away: a conv's one candidate is its spec
@@ -209,8 +221,21 @@ class Quantize(Pass):
         return input_statistics(gm, [view.node.name for view in views], ctx.calibration, gram,
                                 description="quantize: GPTQ input statistics")
 
+    def _input_absmax(self, gm: fx.GraphModule, ctx: PassContext, views: list[LinearView]) -> dict[str, torch.Tensor]:
+        """``max |x_j|`` per input channel of each linear over the calibration batches (SmoothQuant's statistic)."""
+        return input_statistics(gm, [view.node.name for view in views], ctx.calibration, input_absmax,
+                                description="quantize: SmoothQuant input statistics")
+
+    def _calibration_need(self, smoothing: list[FormatSpec]) -> str | None:
+        """The option that needs calibration inputs, as the error names it; ``None`` when none does."""
+        if self.method == "gptq":
+            return "method=gptq"
+        if self.budget_bits is not None:
+            return "budget_bits"
+        return f"{smoothing[0].label} with smooth={smoothing[0].options.smooth}" if smoothing else None
+
     def _layer(self, view: LinearView | ConvView, rules: list[_Override], candidates: list[FormatSpec],
-               hessian: torch.Tensor | None = None) -> _Layer:
+               hessian: torch.Tensor | None = None, input_absmax: torch.Tensor | None = None) -> _Layer:
         """Skip (with the reason) or encode ``view``'s weight in each spec it may get."""
         kind = "conv" if isinstance(view, ConvView) else "linear"
         layer = _Layer(view.node.name, view.module_path or view.node.name, view.weight_ref.target,
@@ -224,7 +249,8 @@ class Quantize(Pass):
             layer.skip_reason = self._skip_reason(view)
         if layer.skip_reason is None:
             specs = [rule.spec] if rule else candidates
-            encoded = _encode_conv(view, specs[0]) if kind == "conv" else _encode(view.weight, specs, hessian)
+            encoded = (_encode_conv(view, specs[0]) if kind == "conv"
+                       else _encode(view.weight, specs, hessian, input_absmax))
             layer.candidates, layer.skip_reason = encoded
         return layer
 
@@ -299,16 +325,35 @@ def _unusable(weight: torch.Tensor) -> str | None:
     return None
 
 
-def _encode(weight: torch.Tensor, specs: list[FormatSpec], hessian: torch.Tensor | None = None
-            ) -> tuple[list[EncodedWeight], str | None]:
+def _encode(weight: torch.Tensor, specs: list[FormatSpec], hessian: torch.Tensor | None = None,
+            input_absmax: torch.Tensor | None = None) -> tuple[list[EncodedWeight], str | None]:
     """The encodings of ``weight`` in every spec that takes it; the reason when none does."""
     rejections = {spec.label: spec.why_not(weight) for spec in specs}
-    choices = [spec.encode(weight, hessian) for spec in specs if rejections[spec.label] is None]
+    choices = [_encode_smoothed(spec, weight, input_absmax) if _smooths(spec) else spec.encode(weight, hessian)
+               for spec in specs if rejections[spec.label] is None]
     if choices:
         return choices, None
     if len(specs) == 1:
         return [], rejections[specs[0].label]
     return [], "no candidate format takes it: " + "; ".join(f"{k}: {v}" for k, v in rejections.items())
+
+
+def _smooths(spec: FormatSpec) -> bool:
+    return getattr(spec.options, "smooth", None) is not None
+
+
+def _encode_smoothed(spec: FormatSpec, weight: torch.Tensor, input_absmax: torch.Tensor | None) -> EncodedWeight:
+    """``weight`` in a SmoothQuant spec (w8a8/llm_int8 with ``smooth=α``), from its input's per-channel max |x|."""
+    packed = smoothquant_pack(FORMATS[spec.name], weight, input_absmax, spec.options)
+    packed.format = spec.name
+    rel_mse = _relative_mse(FORMATS[spec.name].dequantize(packed), weight)
+    return EncodedWeight(spec, packed, None, weight.numel(), rel_mse)
+
+
+def _relative_mse(approximation: torch.Tensor, weight: torch.Tensor) -> float:
+    """``t² = ‖Ŵ − W‖² / ‖W‖²``."""
+    weight = weight.detach().float()
+    return ((approximation - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)).item()
 
 
 def _encode_conv(view: ConvView, spec: FormatSpec) -> tuple[list[EncodedWeight], str | None]:
@@ -319,9 +364,8 @@ def _encode_conv(view: ConvView, spec: FormatSpec) -> tuple[list[EncodedWeight],
     if padding is None:
         return [], "padding='same' pads one side more with this kernel; conv_int8 takes symmetric padding"
     packed = pack_conv_int8(view.weight, view.stride, padding, view.dilation, view.groups)
-    weight = view.weight.detach().float()
-    rel_mse = ((dequantize_conv_int8(packed) - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)).item()
-    return [EncodedWeight(spec, packed, None, weight.numel(), rel_mse)], None
+    rel_mse = _relative_mse(dequantize_conv_int8(packed), view.weight)
+    return [EncodedWeight(spec, packed, None, view.weight.numel(), rel_mse)], None
 
 
 def _result(layers: list[_Layer], rules: list[_Override], stats: dict[str, Any], dead_nodes: int,
