@@ -516,8 +516,7 @@ at::Tensor lut4_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
   const float* b = bias_ptr(bias, bias_holder, N, op);
   at::Tensor y = initial_output(x.size(0), N, b, x);
   with_scales(scales, [&](auto reader) {
-    run_lut4(x, y, b, packed.data_ptr<uint8_t>(), lut.data_ptr<float>(), reader, NoZeros{},
-             group_size);
+    run_lut4(x, y, b, packed.data_ptr<uint8_t>(), entries, reader, NoZeros{}, group_size);
   });
   return y.reshape(output_shape(x_in, N));
 }
