@@ -156,6 +156,7 @@ def dequantize_fp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: tor
 
 
 @torch.library.custom_op("slimgraph::linear_fp4", mutates_args=())
+@native.cpu_kernel("linear_fp4", lambda: (E2M1_VALUES,))
 def linear_fp4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
                bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized fp4 weight; native lookup-table GEMV on CPU when built."""

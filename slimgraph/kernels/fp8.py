@@ -67,6 +67,7 @@ def decode_fp8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("slimgraph::linear_fp8", mutates_args=())
+@native.cpu_kernel("linear_fp8", lambda: (BYTE_LUTS[torch.float8_e4m3fn], BYTE_LUTS[torch.float8_e5m2]))
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (float(qweight) * scales[:, None]).T + bias``; native lookup-table GEMV on CPU when built."""

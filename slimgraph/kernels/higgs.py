@@ -117,6 +117,7 @@ def dequantize_higgs(codes: torch.Tensor, scales: torch.Tensor, signs: torch.Ten
 
 
 @torch.library.custom_op("slimgraph::linear_higgs", mutates_args=())
+@native.cpu_kernel("linear_higgs", lambda: (_lookup_table(4, 1, 16).flatten(), _lookup_table(4, 2, 256)))
 def linear_higgs(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signs: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int, bits: int, p: int) -> torch.Tensor:
     """``rotate_groups(x) @ (grid[codes] * scales).T + bias``; native rotation + lookup-table GEMV on CPU."""

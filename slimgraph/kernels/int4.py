@@ -84,6 +84,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 @torch.library.custom_op("slimgraph::linear_int4", mutates_args=())
+@native.cpu_kernel("linear_int4")
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized int4 weight; native GEMV on CPU when built."""

@@ -35,6 +35,7 @@ def decode_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("slimgraph::linear_int8", mutates_args=())
+@native.cpu_kernel("linear_int8")
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (qweight * scales[:, None]).T + bias``; native AVX2 GEMV on CPU when built."""

@@ -89,6 +89,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, absmax_scales: to
 
 
 @torch.library.custom_op("slimgraph::linear_nf4", mutates_args=())
+@native.cpu_kernel("linear_nf4", lambda: (NF4_CODE,))
 def linear_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax_scales: torch.Tensor | None,
                absmax_mean: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` with W the dequantized NF4 weight; native lookup-table GEMV on CPU when built."""

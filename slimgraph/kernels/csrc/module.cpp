@@ -4,6 +4,9 @@
 
 #include "common.h"
 
+// ops.cpp: the dispatcher's CPU kernels of the slimgraph:: linear ops.
+void register_cpu_op(const std::string& name, py::function body, std::vector<at::Tensor> tables);
+
 bool built_with_avx2() {
 #ifdef __AVX2__
   return true;
@@ -33,5 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dynamic_linear", &int8_dynamic_linear,
         "y = (round(x / s) @ qweight.T) * s * weight_scales + bias, s = max|x row| / 127",
         py::arg("x"), py::arg("qweight"), py::arg("weight_scales"), py::arg("bias"));
+  m.def("register_cpu_op", &register_cpu_op,
+        "make this extension the CPU kernel of op slimgraph::<name>, falling back to body",
+        py::arg("name"), py::arg("body"), py::arg("tables"));
   m.def("built_with_avx2", &built_with_avx2, "whether this build uses the AVX2/FMA inner loops");
 }
