@@ -162,7 +162,9 @@ def linear_fp4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glob
     """``x @ W.T + bias`` with W the dequantized fp4 weight; native lookup-table GEMV on CPU when built."""
     kernels = native.for_input(x)
     if kernels is not None:
-        return kernels.lut4_linear(x.contiguous(), packed, _lookup_table(global_scale), scales, bias, group_size)
+        # nv's per-tensor scale goes on x, not into the table, which then stays exact in int8 (csrc/ops.cpp).
+        x = x if global_scale is None else x * global_scale
+        return kernels.lut4_linear(x.contiguous(), packed, E2M1_VALUES, scales, bias, group_size)
     return F.linear(x, dequantize_fp4(packed, scales, global_scale, group_size).to(x.dtype), bias)
 
 

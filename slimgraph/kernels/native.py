@@ -36,13 +36,15 @@ The linears take float32 ``x`` of any shape ``[..., in]`` and return float32
 path inside the extension, so there is no batch size the caller must special-case.
 They are for inference: the output carries no autograd history.
 
-Precision: below 16 rows, ``int8_linear``, ``int4_linear`` and ``lut4_linear`` multiply
-16-bit integers (1.3-2.8x faster than widening weights to fp32): x is rounded per 32
-columns to ``round(x * 32767 / max|x|)``, an error of at most ``max|x| / 65534`` per
-entry, and a 4-bit table whose entries are not all exact in 15 bits (NF4, HIGGS) to
-``2**-15 * max|lut|``. Against the float reference that is 2e-5 (int8) to 5e-5 (NF4)
-of the output's norm, measured on random layers (``tests/kernels/test_native.py``
-asserts the bound), a thousand times below the 4-bit rounding itself. x holding inf or
+Precision: below 16 rows the kernels multiply integers, never widening a weight to fp32.
+``int8_linear`` rounds x per 32 columns to 16 bits, ``round(x * 32767 / max|x|)``: at
+most ``max|x| / 65534`` per entry, 2e-5 of the output's norm. ``int4_linear`` and
+``lut4_linear`` round x per 32 columns to 8 bits (``round(x * 127 / max|x|)``, as
+llama.cpp's Q8_0 and XNNPACK's qd8 activations do; 1.5-1.8x faster than 16 bits) and a
+table whose entries are not exact in int8 (NF4, HIGGS; int4 codes and e2m1 are) to
+``max|lut| / 254``: 4e-3 to 8e-3 of the output's norm against the float reference,
+measured on random layers, a twentieth of the 4-bit rounding itself (0.1-0.2).
+``tests/kernels/test_native.py`` asserts both bounds entry by entry. x holding inf or
 NaN gives NaN outputs.
 
 Set ``SLIMGRAPH_NO_NATIVE=1`` to disable the kernels (``load()`` returns ``None``

@@ -85,21 +85,25 @@ def reference_lut(x, weight_codes, lut, scales, bias, group_size):
     return linear(x, weight_lut(weight_codes, lut, scales, group_size), bias)
 
 
-def assert_within_fixed_point_error(got, x, weight, bias, weight_error=None):
+X16_LEVELS, X8_LEVELS = 32767, 127  # csrc/common.h: int8 weights meet x in 16 bits, 4-bit codes in 8
+
+
+def assert_within_fixed_point_error(got, x, weight, bias, weight_error=None, x_levels=X16_LEVELS):
     """``got`` equals ``x @ weight.T + bias`` within the batch-1 kernels' documented error.
 
-    Those paths (csrc/common.h, ``fixed_point_x``) round x to 16-bit fixed point per chunk of
-    32 columns, so each entry is off by at most max|x over its chunk| / 65534, and a weight
-    by at most ``weight_error`` (lut4's table rounding: 2^-15 max|lut| times its scale).
-    On top comes fp32 summation, 1e-5 of sum |x| |w|. Batches of 16 rows and more and the
-    columns past the last whole chunk run in float, which this bound also covers.
+    Those paths (csrc/common.h) round x per chunk of 32 columns to ``x_levels`` levels each
+    side (``X16_LEVELS`` for int8 weights, ``X8_LEVELS`` for 4-bit codes), so each entry is
+    off by at most max|x over its chunk| / (2 x_levels), and a weight by at most
+    ``weight_error`` (lut4's int8 table: max|lut| / 254 times its scale). On top comes fp32
+    summation, 1e-5 of sum |x| |w|. Batches of 16 rows and more and the columns the
+    integer loops leave to float run in float, which this bound also covers.
     """
     x2 = x.double().reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
     whole = in_features // 32 * 32
     chunk_max = x2[:, :whole].reshape(rows, -1, 32).abs().amax(-1)
     weight_chunk_sums = weight[:, :whole].abs().reshape(len(weight), -1, 32).sum(-1)
-    bound = (chunk_max / 65534) @ weight_chunk_sums.T + 1e-5 * (x2.abs() @ weight.abs().T) + 1e-6
+    bound = (chunk_max / (2 * x_levels)) @ weight_chunk_sums.T + 1e-5 * (x2.abs() @ weight.abs().T) + 1e-6
     if weight_error is not None:
         bound += x2.abs() @ weight_error.T
     expected = linear(x2, weight, bias).double()
@@ -109,7 +113,7 @@ def assert_within_fixed_point_error(got, x, weight, bias, weight_error=None):
 
 
 def lut4_table_error(lut, scales, group_size):
-    return lut.abs().max().double() * 2**-15 * decode_scales(scales).abs().repeat_interleave(group_size, dim=1)
+    return lut.abs().max().double() / (2 * X8_LEVELS) * decode_scales(scales).abs().repeat_interleave(group_size, dim=1)
 
 
 def reference_int8_dynamic(x, qweight, weight_scales, bias):
@@ -207,7 +211,8 @@ def test_int4_matches_reference(kernels, rows, symmetric, with_bias):
     x = torch.randn(rows, 5 * group_size)
     bias = torch.randn(56) if with_bias else None
     got = kernels.int4_linear(x, packed, scales, zeros, bias, group_size)
-    assert_within_fixed_point_error(got, x, weight_int4(codes, scales, zeros, group_size), bias)
+    assert_within_fixed_point_error(got, x, weight_int4(codes, scales, zeros, group_size), bias,
+                                    x_levels=X8_LEVELS)
 
 
 @settings(max_examples=20, deadline=None)
@@ -222,7 +227,8 @@ def test_int4_random_shapes(kernels, batch_shape, group_size, groups, out_featur
     x = torch.randn(*batch_shape, in_features, generator=torch.Generator().manual_seed(seed))
     bias = torch.randn(out_features) if with_bias else None
     got = kernels.int4_linear(x, packed, scales, zeros, bias, group_size)
-    assert_within_fixed_point_error(got, x, weight_int4(codes, scales, zeros, group_size), bias)
+    assert_within_fixed_point_error(got, x, weight_int4(codes, scales, zeros, group_size), bias,
+                                    x_levels=X8_LEVELS)
 
 
 def test_int4_wide_layer_with_a_large_batch(kernels):
@@ -265,7 +271,7 @@ def test_lut4_matches_reference(kernels, batch_shape, with_bias, scale_dtype, gr
     bias = torch.randn(37) if with_bias else None
     got = kernels.lut4_linear(x, packed, lut, scales, bias, group_size)
     assert_within_fixed_point_error(got, x, weight_lut(codes, lut, scales, group_size), bias,
-                                    lut4_table_error(lut, scales, group_size))
+                                    lut4_table_error(lut, scales, group_size), X8_LEVELS)
 
 
 @settings(max_examples=20, deadline=None)
@@ -282,7 +288,7 @@ def test_lut4_random_shapes(kernels, batch_shape, group_size, groups, out_featur
     bias = torch.randn(out_features) if with_bias else None
     got = kernels.lut4_linear(x, packed, lut, scales, bias, group_size)
     assert_within_fixed_point_error(got, x, weight_lut(codes, lut, scales, group_size), bias,
-                                    lut4_table_error(lut, scales, group_size))
+                                    lut4_table_error(lut, scales, group_size), X8_LEVELS)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.uint8, torch.float8_e4m3fn])
@@ -308,13 +314,13 @@ def test_fixed_point_paths_keep_non_finite_inputs_non_finite(kernels, bad):
     x = torch.randn(3, 64)
     x[1, 40] = bad
     kept = torch.tensor([0, 2])
-    for got, weight, weight_error in [
+    for got, weight, weight_error, levels in [
         (kernels.lut4_linear(x, packed, lut, scales, None, 32), weight_lut(codes, lut, scales, 32),
-         lut4_table_error(lut, scales, 32)),
-        (kernels.int8_linear(x, qweight, int8_scales, None), weight_int8(qweight, int8_scales), None),
+         lut4_table_error(lut, scales, 32), X8_LEVELS),
+        (kernels.int8_linear(x, qweight, int8_scales, None), weight_int8(qweight, int8_scales), None, X16_LEVELS),
     ]:
         assert got[1].isnan().all()
-        assert_within_fixed_point_error(got[kept], x[kept], weight, None, weight_error)
+        assert_within_fixed_point_error(got[kept], x[kept], weight, None, weight_error, levels)
 
 
 # ---- lut8 ----------------------------------------------------------------------
@@ -493,7 +499,7 @@ def test_module_functions_forward_to_the_extension(kernels):
     x, signs = torch.randn(2, 32), hadamard.random_signs(32, seed=0)
     assert_within_fixed_point_error(native.lut4_linear(x, packed, lut, scales, None, 16), x,
                                     weight_lut(codes, lut, scales, 16), None,
-                                    lut4_table_error(lut, scales, 16))
+                                    lut4_table_error(lut, scales, 16), X8_LEVELS)
     torch.testing.assert_close(native.lut8_linear(x, codes8, lut8, scales8, None, 16),
                                reference_lut(x, codes8, lut8, scales8, None, 16), **TOLERANCE)
     torch.testing.assert_close(native.hadamard_rotate(x, signs), reference_rotate(x, signs))

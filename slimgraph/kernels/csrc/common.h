@@ -8,11 +8,11 @@
 //   * OpenMP splits the output rows (one weight row each) across threads, in
 //     dynamic chunks: on a busy machine a statically assigned thread that is
 //     not scheduled stalls the whole call for a time slice (measured 8-12 ms).
-//   * The batch-1 loops (int8, int4 and the 4-bit tables) multiply 16-bit integers:
-//     x rounded to fixed point per 32 columns (fixed_point_x) against the weights
-//     widened to int16, so no weight is ever converted to fp32. fp8 and HIGGS p=2
-//     (lut8) widen weights to fp32 and FMA them (scalar loops without AVX2 and for
-//     k tails everywhere).
+//   * The batch-1 loops multiply integers, so no weight is ever converted to fp32:
+//     int8 weights with x rounded to 16 bits per 32 columns (fixed_point_x), 4-bit
+//     codes (int4 and the tables) as int8 table values with x rounded to 8 bits
+//     (lut_linear.cpp). fp8 and HIGGS p=2 (lut8) widen weights to fp32 and FMA them
+//     (scalar loops without AVX2 and for k tails everywhere).
 //   * Up to ROWS_PER_PASS rows of x share one pass over the weights, so a
 //     batch of M reads the weight ceil(M / 4) times, all passes in one parallel
 //     region (see gemv).
@@ -21,8 +21,8 @@
 //     multiplies it (run_linear), so no caller needs a fallback for large batches.
 //
 // Summation order differs from the torch reference (x @ W.T), and the batch-1 loops
-// round x (and non-dyadic 4-bit tables) as fixed_point_x describes: results agree
-// with the reference to 2e-5 to 5e-5 relative, not bit for bit. The tiled path
+// round x (and 4-bit tables not exact in int8) as described below: results agree with
+// the reference to 2e-5 (int8) and about 3e-3 (4-bit) relative, not bit for bit. The tiled path
 // dequantizes each weight with the reference's roundings (lut[code] * scale).
 #pragma once
 
@@ -259,21 +259,37 @@ void run_linear(const at::Tensor& x, at::Tensor& y, const float* bias, Dots&& do
   });
 }
 
-// ---- activations in 16-bit fixed point (the batch-1 paths) -------------------------
+// ---- activations in fixed point (the batch-1 paths) -----------------------------
 //
-// Widening every weight to fp32 costs more than reading it: the batch-1 loops spent 13
-// shuffles per 32 4-bit weights assembling floats. They multiply 16-bit integers instead
-// (vpmaddwd: 16 multiply-adds per instruction), so x is rounded to 16-bit fixed point
-// per chunk of 32 columns: xq = round(x * 32767 / max|x|), the scale kept per chunk.
-// The error is at most 2^-16 max|x| over the chunk per entry (a relative output error
-// of about 2e-5, against ~1e-1 for the 4-bit weights themselves); a chunk holding
-// inf or NaN gets a NaN scale, so its outputs are NaN, never a silently finite value.
-// A chunk's four products per int32 lane stay below 2^31 while |w| <= 16384.
+// Widening every weight to fp32 costs more than reading it, so the batch-1 loops multiply
+// integers: x is rounded per chunk of 32 columns to round(x * levels / max|x|), the scale
+// kept per chunk. int8 weights meet x in 16 bits (fixed_point_x, vpmaddwd: 16 multiply-adds
+// an instruction; each entry off by at most max|x| / 65534, about 2e-5 of the output);
+// 4-bit codes meet it in 8 bits (lut_linear.cpp int8_x, vpmaddubsw). A chunk holding inf
+// or NaN gets a NaN scale, so its outputs are NaN, never a silently finite value.
 constexpr int64_t CHUNK = 32;
 constexpr float X_LEVELS = 32767.f;
-constexpr float MAX_WEIGHT_LEVEL = 16384.f;
+constexpr float X8_LEVELS = 127.f;
 
-// Rows of x in fixed point, from some row on: plain values an inner loop keeps in registers.
+// The scale of one chunk of x with `levels` levels: max|x| / levels, NaN when the chunk
+// holds inf or NaN. `inverse` becomes levels / max|x|, or 0 for a chunk of zeros or a
+// non-finite one, whose codes (fixed_point_code) are then all 0.
+inline float chunk_scale(const float* chunk, float levels, float& inverse) {
+  float largest = 0.f, sum = 0.f;
+  for (int64_t i = 0; i < CHUNK; ++i) {
+    largest = std::max(largest, std::fabs(chunk[i]));
+    sum += chunk[i];  // inf or NaN anywhere makes it non-finite
+  }
+  bool finite = std::isfinite(sum);
+  inverse = finite && largest > 0.f ? levels / largest : 0.f;
+  return finite ? largest / levels : std::numeric_limits<float>::quiet_NaN();
+}
+
+inline long fixed_point_code(float value, float inverse) {
+  return inverse == 0.f ? 0 : std::lrint(value * inverse);
+}
+
+// Rows of x in 16-bit fixed point, from some row on: plain values an inner loop keeps in registers.
 struct FixedPointRows {
   const int16_t* q = nullptr;  // [rows, chunks * CHUNK], chunk columns in the kernel's order
   const float* s = nullptr;    // [rows, chunks]: x ≈ q * s
@@ -289,9 +305,9 @@ struct FixedPointX {  // the tensors that own a call's fixed-point rows
   FixedPointRows rows;
 };
 
-// x [M, K] (float32, contiguous) in fixed point; position i of each chunk holds column
-// column_of(i) of that chunk, and every scale is multiplied by `factor` (a weight
-// table's 1/t). Tail columns past the last whole chunk are left to the caller.
+// x [M, K] (float32, contiguous) in 16-bit fixed point; position i of each chunk holds
+// column column_of(i) of that chunk, and every scale is multiplied by `factor`. Tail
+// columns past the last whole chunk are left to the caller.
 template <typename Order>
 FixedPointX fixed_point_x(const at::Tensor& x, float factor, Order column_of) {
   int64_t M = x.size(0), K = x.size(1), chunks = K / CHUNK;
@@ -302,16 +318,10 @@ FixedPointX fixed_point_x(const at::Tensor& x, float factor, Order column_of) {
   float* scales = scale_tensor.data_ptr<float>();
   for (int64_t c = 0; c < M * chunks; ++c) {
     const float* chunk = xp + (c / chunks) * K + (c % chunks) * CHUNK;
-    float largest = 0.f, sum = 0.f;
-    for (int64_t i = 0; i < CHUNK; ++i) {
-      largest = std::max(largest, std::fabs(chunk[i]));
-      sum += chunk[i];  // inf or NaN anywhere makes it non-finite
-    }
-    float inverse = largest > 0.f ? X_LEVELS / largest : 0.f;
-    bool finite = std::isfinite(sum);
-    scales[c] = finite ? largest / X_LEVELS * factor : std::numeric_limits<float>::quiet_NaN();
+    float inverse;
+    scales[c] = chunk_scale(chunk, X_LEVELS, inverse) * factor;
     for (int64_t i = 0; i < CHUNK; ++i)
-      q[c * CHUNK + i] = finite ? static_cast<int16_t>(std::lrint(chunk[column_of(i)] * inverse)) : 0;
+      q[c * CHUNK + i] = static_cast<int16_t>(fixed_point_code(chunk[column_of(i)], inverse));
   }
   return {values, scale_tensor, {q, scales, chunks}};
 }

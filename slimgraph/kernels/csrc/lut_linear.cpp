@@ -3,8 +3,6 @@
 
 #include "common.h"
 
-#include <numeric>
-
 namespace {
 
 // ---- 4-bit codes: group zero points -------------------------------------------
@@ -34,209 +32,181 @@ inline float lut4_weight(const uint8_t* packed_row, const float* lut, float scal
 
 // ---- 4-bit codes: batch-1 kernel -----------------------------------------------
 
-// Codes become 16-bit integers by byte lookups: the table round(lut * t) split into its
-// low and high bytes, one vpshufb each per 32 codes, one round of unpacks to join them
-// (5 shuffles per 32 weights where assembling fp32 took 13), then vpmaddwd with x in
-// fixed point (see fixed_point_x). The unpacks interleave, so a chunk's 32 columns
-// come out as two vectors ordered [0, 2, .., 14, 1, 3, .., 15] and [16, 18, .., 30,
-// 17, .., 31]; x is laid out in that order (nibble_order) and the products line up.
+// Codes become int8 table values by one vpshufb per 32 codes, and vpmaddubsw multiplies
+// them with x rounded to int8 per chunk of 32 columns, as llama.cpp (Q8_0 activations)
+// and XNNPACK (qd8) do on CPUs: 1.6x faster than 16-bit products, whose table values
+// took 5 shuffles per 32 codes to assemble. x is off by at most max|x over its chunk|
+// / 254 per entry and a table entry not exact in int8 (NF4, HIGGS) by max|lut| / 254:
+// about 3e-3 of the output's norm, a fiftieth of 4-bit rounding's own error (0.1-0.2).
+//
+// A 32-byte load holds the codes of 64 columns: its low nibbles are the even columns,
+// its high ones the odd columns, so x is laid out per 64-column block as its 32 even
+// columns, then its 32 odd ones (int8_x). vpmaddubsw multiplies an unsigned byte by a
+// signed one, so the products are |w| times x with w's sign (vpsignb); no pair of them
+// reaches 2^15 (2 * 127 * 127), and vpmaddwd adds pairs into int32: lane j of a block's
+// sums covers its columns 8j .. 8j + 7.
 #ifdef __AVX2__
-struct Int16Table {
-  __m256i low, high;  // the bytes of round(lut * t), each 16 entries twice (both lanes)
-  float inverse;      // 1 / t, folded into the x scales
+struct Int8Table {
+  __m256i values;  // round(lut * t), the 16 entries twice (both lanes)
+  float inverse;   // 1 / t, folded into the x scales
 };
 
-// t is a power of two where that represents every entry exactly (integer codes, e2m1:
-// no rounding at all), else the largest t with |lut * t| <= MAX_WEIGHT_LEVEL, so an
-// entry is off by at most 2^-15 of the largest one.
-Int16Table int16_table(const float* lut) {
+// t is a power of two where that makes every entry an exact integer within ±127
+// (integer codes, e2m1: no rounding at all), else 127 / max|lut|.
+Int8Table int8_table(const float* lut) {
   float largest = 0.f;
   for (int v = 0; v < 16; ++v) largest = std::max(largest, std::fabs(lut[v]));
-  float t = largest > 0.f ? MAX_WEIGHT_LEVEL / largest : 1.f;
+  float t = largest > 0.f ? X8_LEVELS / largest : 1.f;
   float power = std::exp2(std::floor(std::log2(t)));
   if (std::all_of(lut, lut + 16, [&](float v) { return std::nearbyint(v * power) == v * power; }))
     t = power;
-  alignas(32) uint8_t low[32], high[32];
-  for (int v = 0; v < 16; ++v) {
-    auto level = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(lut[v] * t)));
-    low[v] = low[v + 16] = static_cast<uint8_t>(level & 0xFF);
-    high[v] = high[v + 16] = static_cast<uint8_t>(level >> 8);
-  }
-  return {_mm256_load_si256(reinterpret_cast<const __m256i*>(low)),
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(high)), 1.f / t};
+  alignas(32) int8_t values[32];
+  for (int v = 0; v < 16; ++v)
+    values[v] = values[v + 16] = static_cast<int8_t>(std::lrint(lut[v] * t));
+  return {_mm256_load_si256(reinterpret_cast<const __m256i*>(values)), 1.f / t};
 }
 
-// 16 packed bytes (32 codes) -> the 16-bit table values of columns 0..15 and 16..31.
-inline void lookup32(const uint8_t* bytes, const Int16Table& t, __m256i& first, __m256i& second) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  __m128i mask = _mm_set1_epi8(0x0F);
-  // Lane 0: the low nibbles (even columns), lane 1: the high ones (odd columns).
-  __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask),
-                                   _mm_and_si128(v, mask));
-  __m256i low = _mm256_shuffle_epi8(t.low, codes), high = _mm256_shuffle_epi8(t.high, codes);
-  first = _mm256_unpacklo_epi8(low, high);
-  second = _mm256_unpackhi_epi8(low, high);
-}
-#endif
+// x [M, K] in int8 for the whole 64-column blocks; the columns past them run in float.
+struct Int8Rows {
+  const int8_t* q = nullptr;  // [rows, blocks * 64]: per block, even columns then odd
+  const float* s = nullptr;   // [rows, blocks * 8]: each 8-column lane's chunk scale
+  int64_t blocks = 0;         // per row
 
-// The chunk column at position i of lookup32's output.
-inline int64_t nibble_order(int64_t i) { return (i & 16) + 2 * (i & 7) + ((i >> 3) & 1); }
-
-// One call's x as each path reads it: float rows in column order (scalar loops, tails,
-// zero points) and the fixed-point rows of the AVX2 loops.
-struct Lut4Inputs {
-  const float* x;         // [M, K]
-  FixedPointRows fixed;   // nibble_order, scales times the table's 1/t; q null without AVX2
-  const float* xsums;     // [M, groups]: x summed over each group, for zero points
-  int64_t K;
+  const int8_t* block(int64_t row, int64_t p) const { return q + (row * blocks + p) * 64; }
+  const float* lane_scales(int64_t row, int64_t p) const { return s + (row * blocks + p) * 8; }
+  Int8Rows from(int64_t row) const { return {block(row, 0), lane_scales(row, 0), blocks}; }
 };
 
-#ifdef __AVX2__
-// acc[r] += (x row r) . (table values) over chunk c: two int32 dot products of 16 pairs,
-// one float FMA with the chunk's x scale. `x` holds the block's rows from its first on.
+struct Int8X {  // the tensors that own a call's int8 rows
+  at::Tensor values, scales, group_sums;
+  Int8Rows rows;
+};
+
+// Every scale is multiplied by `factor`, the table's 1 / t. With `group` > 0, group_sums
+// [M, K / group] holds x summed over each group as the kernel sees it (int8 values times
+// their scales, the float columns past the blocks as they are), so a zero point takes off
+// exactly what the products added.
+Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
+  int64_t M = x.size(0), K = x.size(1), blocks = K / 64, groups = group > 0 ? K / group : 0;
+  at::Tensor values = at::empty({M, blocks * 64}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({M, blocks * 8}, x.options());
+  at::Tensor group_sums = at::zeros({M, groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* q = values.data_ptr<int8_t>();
+  float* s = scales.data_ptr<float>();
+  float* sums = group_sums.data_ptr<float>();
+  for (int64_t c = 0; c < M * blocks * 2; ++c) {  // chunk c: half c % 2 of block c / 2
+    int64_t row = c / (blocks * 2), first = (c % (blocks * 2)) * CHUNK;
+    const float* chunk = xp + row * K + first;
+    float inverse, scale = chunk_scale(chunk, X8_LEVELS, inverse);
+    std::fill(s + c * 4, s + c * 4 + 4, scale * factor);
+    int8_t* block = q + (c / 2) * 64;
+    for (int64_t i = 0; i < CHUNK; ++i) {
+      int64_t k = (c % 2) * CHUNK + i;  // the column in its block
+      auto code = static_cast<int8_t>(fixed_point_code(chunk[i], inverse));
+      block[(k & 1) * 32 + k / 2] = code;
+      if (groups) sums[row * groups + (first + i) / group] += code * scale;
+    }
+  }
+  for (int64_t row = 0; groups && row < M; ++row)
+    for (int64_t k = blocks * 64; k < K; ++k) sums[row * groups + k / group] += xp[row * K + k];
+  return {values, scales, group_sums, {q, s, blocks}};
+}
+
+// The int32 sums of block p of one weight row with R rows of x (`x` from the first).
 template <int R>
-inline void lut4_chunk(const FixedPointRows& x, const uint8_t* packed, const Int16Table& t,
-                       int64_t c, __m256* acc) {
-  __m256i first, second;
-  lookup32(packed + c * (CHUNK / 2), t, first, second);
+inline void block_sums(const Int8Rows& x, const uint8_t* packed, __m256i table, int64_t p,
+                       __m256i* sums) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * p));
+  __m256i even = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low));
+  __m256i odd = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
+  __m256i even_magnitude = _mm256_sign_epi8(even, even), odd_magnitude = _mm256_sign_epi8(odd, odd);
   for (int r = 0; r < R; ++r) {
-    const int16_t* xq = x.chunk(r, c);
-    __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(first, load16(xq)),
-                                    _mm256_madd_epi16(second, load16(xq + 16)));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x.scale(r, c)), acc[r]);
+    const int8_t* xq = x.block(r, p);
+    __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+    __m256i products_even = _mm256_maddubs_epi16(even_magnitude, _mm256_sign_epi8(x_even, even));
+    __m256i products_odd = _mm256_maddubs_epi16(odd_magnitude, _mm256_sign_epi8(x_odd, odd));
+    sums[r] = _mm256_add_epi32(_mm256_madd_epi16(products_even, ones),
+                               _mm256_madd_epi16(products_odd, ones));
   }
 }
 
-// Groups of 32 or 64 columns, in one flat pass over the chunks: each chunk's sums are
-// scaled by its x scale times its group's scale (one more multiply a chunk; a loop per
-// group costs more in setup than its one or two chunks of work: 338 -> 304 µs for a
-// 2048² layer at 32 columns, 304 -> 281 at 64, one thread), and a group's zero point
-// comes off as zero * scale * the group's x sum. Two accumulators alternate, so FMA
-// latency does not bound one x row.
-template <int R, typename Scales, typename Zero>
-void lut4_dots_by_chunk(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
-                        const Int16Table& table, Scales scales, Zero zeros, int64_t group,
-                        float* dots) {
-  const Int16Table t = table;  // copies, so the loops keep them in registers
-  const FixedPointRows x = in.fixed.from(m);
-  const int64_t per_group = group / CHUNK, groups = in.K / group;
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t g = 0, left = per_group;
-  float scale = scales[0];
-  __m256 group_scale = _mm256_set1_ps(scale);
-  auto chunk = [&](int64_t c, int parity) {  // lut4_chunk, with the group scale multiplied in
-    __m256i first, second;
-    lookup32(packed + c * (CHUNK / 2), t, first, second);
-    for (int r = 0; r < R; ++r) {
-      const int16_t* xq = x.chunk(r, c);
-      __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(first, load16(xq)),
-                                      _mm256_madd_epi16(second, load16(xq + 16)));
-      __m256 chunk_scale = _mm256_mul_ps(_mm256_broadcast_ss(x.s + r * x.chunks + c), group_scale);
-      acc[r][parity] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), chunk_scale, acc[r][parity]);
-    }
-    if (--left == 0) {
-      if constexpr (Zero::any)
-        for (int r = 0; r < R; ++r) dots[r] -= scale * zeros[g] * in.xsums[(m + r) * groups + g];
-      if (++g < groups) {
-        scale = scales[g];
-        group_scale = _mm256_set1_ps(scale);
-      }
-      left = per_group;
-    }
-  };
-  int64_t c = 0;
-  for (; c + 2 <= x.chunks; c += 2) {
-    chunk(c, 0);
-    chunk(c + 1, 1);
+// The group scale of each 8-column lane of block p, for groups that are not a multiple of
+// 64 columns: NVFP4's 16 and MX's 32 directly, other multiples of 16 by division.
+template <typename Scales>
+inline __m256 lane_group_scales(Scales scales, int64_t p, int64_t group) {
+  if (group == 32) return _mm256_set_m128(_mm_set1_ps(scales[2 * p + 1]), _mm_set1_ps(scales[2 * p]));
+  if (group == 16) {
+    float a = scales[4 * p], b = scales[4 * p + 1], c = scales[4 * p + 2], d = scales[4 * p + 3];
+    return _mm256_setr_ps(a, a, b, b, c, c, d, d);
   }
-  if (c < x.chunks) chunk(c, 0);
-  for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  alignas(32) float lanes[8];
+  for (int j = 0; j < 8; ++j) lanes[j] = scales[(64 * p + 8 * j) / group];
+  return _mm256_load_ps(lanes);
 }
 
-// Groups of 128 columns and more: a group's chunks are summed, then scaled once (the
-// flat pass's extra multiply a chunk costs more than a loop per group from 4 chunks on:
-// 263 against 271 µs at 128 columns), and its zero point comes off as zero * scale *
-// the group's x sum. One x row alternates two accumulators over the chunks.
-template <int R, typename Scales, typename Zero>
-void lut4_dots_by_group(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
-                        const Int16Table& table, Scales scales, Zero zeros, int64_t group,
-                        float* dots) {
-  const Int16Table t = table;  // copies, so the loops keep them in registers
-  const FixedPointRows x = in.fixed.from(m);
-  const int64_t per_group = group / CHUNK, groups = in.K / group;
+// dots[r] += the whole blocks' part of row r's dot product. Groups of 64 columns and more
+// sum their blocks, then scale once; smaller ones scale each block by its lanes' groups.
+template <int R, typename Scales>
+void lut4_dots_int8(const Int8Rows& rows, int64_t m, const uint8_t* packed,
+                    const Int8Table& table, Scales scales, int64_t group, float* dots) {
+  const __m256i t = table.values;  // a copy, so the loops keep it in a register
+  const Int8Rows x = rows.from(m);
   __m256 total[R];
+  __m256i sums[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-    int64_t c = g * per_group, end = c + per_group;
-    if constexpr (R == 1)
-      for (; c + 2 <= end; c += 2) {
-        lut4_chunk<R>(x, packed, t, c, even);
-        lut4_chunk<R>(x, packed, t, c + 1, odd);
+  if (group % 64 == 0) {
+    int64_t per_group = group / 64;
+    for (int64_t g = 0; g < x.blocks / per_group; ++g) {
+      __m256 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
+        block_sums<R>(x, packed, t, p, sums);
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_loadu_ps(x.lane_scales(r, p)), acc[r]);
       }
-    for (; c < end; ++c) lut4_chunk<R>(x, packed, t, c, even);
-    float scale = scales[g];
-    for (int r = 0; r < R; ++r)
-      total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), _mm256_set1_ps(scale), total[r]);
-    if constexpr (Zero::any)
-      for (int r = 0; r < R; ++r) dots[r] -= scale * zeros[g] * in.xsums[(m + r) * groups + g];
+      __m256 scale = _mm256_set1_ps(scales[g]);
+      for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(acc[r], scale, total[r]);
+    }
+  } else {
+    for (int64_t p = 0; p < x.blocks; ++p) {
+      __m256 group_scales = lane_group_scales(scales, p, group);
+      block_sums<R>(x, packed, t, p, sums);
+      for (int r = 0; r < R; ++r) {
+        __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(x.lane_scales(r, p)), group_scales);
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, total[r]);
+      }
+    }
   }
   for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(total[r]);
 }
-
-// Groups of an odd multiple of 16 (NVFP4's 16): each 16-column half of a chunk can have
-// its own scale, so the halves are scaled apart, into two accumulators.
-template <int R, typename Scales>
-void lut4_dots_by_half(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
-                       const Int16Table& table, Scales scales, int64_t group, float* dots) {
-  const Int16Table t = table;
-  const FixedPointRows x = in.fixed.from(m);
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t halves_per_group = group / 16, g = 0, left = halves_per_group;
-  for (int64_t c = 0; c < x.chunks; ++c) {
-    __m256i halves[2];
-    lookup32(packed + c * (CHUNK / 2), t, halves[0], halves[1]);
-    for (int h = 0; h < 2; ++h) {
-      float scale = scales[g];
-      if (--left == 0) {
-        ++g;
-        left = halves_per_group;
-      }
-      for (int r = 0; r < R; ++r) {
-        __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(halves[h], load16(x.chunk(r, c) + 16 * h)));
-        float x_scale = x.scale(r, c) * scale;
-        acc[r][h] = _mm256_fmadd_ps(sums, _mm256_set1_ps(x_scale), acc[r][h]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
-}
 #endif
 
+// One call's x as each path reads it: float rows (scalar loops, tails, zero points) and
+// the int8 rows of the AVX2 loop.
+struct Lut4Inputs {
+  const float* x;         // [M, K]
+  const void* int8_rows;  // the Int8Rows of the AVX2 loop (scales times the table's 1/t), or null
+  const float* xsums;     // [M, groups]: x summed over each group, for zero points (int8_x)
+  int64_t K;
+};
+
 // dots[r] = sum_k x[m + r, k] * (lut[code_k] - zero_g) * scale_g over one weight row.
-// With the fixed-point rows (AVX2, group a multiple of 16) the whole chunks go through
-// the vector loops and zero points come off as zero * scale * the group's x sum; a last
-// 16 columns, other groups and builds without AVX2 run in float.
+// With the int8 rows (AVX2, group a multiple of 16) the whole 64-column blocks go through
+// the vector loop and zero points come off as zero * scale * the group's x sum; the
+// columns past the last block and builds without AVX2 run in float.
 template <int R, typename Scales, typename Zero>
 void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const float* lut,
                const void* table, Scales scales, Zero zeros, int64_t group, float* dots) {
   int64_t K = in.K;
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
 #ifdef __AVX2__
-  if (in.fixed.q) {
-    const Int16Table& t = *static_cast<const Int16Table*>(table);
-    if (group % CHUNK == 0) {
-      if (group >= 4 * CHUNK)
-        lut4_dots_by_group<R>(in, m, packed, t, scales, zeros, group, dots);
-      else
-        lut4_dots_by_chunk<R>(in, m, packed, t, scales, zeros, group, dots);
-      return;
-    }
-    lut4_dots_by_half<R>(in, m, packed, t, scales, group, dots);
-    for (int64_t k = in.fixed.chunks * CHUNK; k < K; ++k) {
+  if (in.int8_rows) {
+    const Int8Rows& rows = *static_cast<const Int8Rows*>(in.int8_rows);
+    lut4_dots_int8<R>(rows, m, packed, *static_cast<const Int8Table*>(table), scales, group, dots);
+    for (int64_t k = rows.blocks * 64; k < K; ++k) {
       float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
       for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
     }
@@ -304,23 +274,16 @@ template <typename Scales, typename Zero>
 void run_lut4(const at::Tensor& x, at::Tensor& y, const float* bias, const uint8_t* packed,
               const float* lut, Scales scales, Zero zeros, int64_t group) {
   int64_t M = x.size(0), K = x.size(1), groups = K / group;
-  Lut4Inputs in{x.data_ptr<float>(), {}, nullptr, K};
-  FixedPointX fixed;
-  at::Tensor xsums;
+  Lut4Inputs in{x.data_ptr<float>(), nullptr, nullptr, K};
   const void* table = nullptr;
 #ifdef __AVX2__
-  Int16Table int16 = int16_table(lut);
-  table = &int16;
+  Int8Table int8 = int8_table(lut);
+  Int8X int8_rows;
+  table = &int8;
   if (M < LARGE_M && group % 16 == 0) {
-    fixed = fixed_point_x(x, int16.inverse, nibble_order);
-    in.fixed = fixed.rows;
-    if (Zero::any) {  // a plain loop: an ATen sum costs more than the whole 2048-column row
-      xsums = at::empty({M, groups}, x.options());
-      float* sums = xsums.data_ptr<float>();
-      for (int64_t i = 0; i < M * groups; ++i)
-        sums[i] = std::accumulate(in.x + i * group, in.x + (i + 1) * group, 0.f);
-      in.xsums = sums;
-    }
+    int8_rows = int8_x(x, int8.inverse, Zero::any ? group : 0);
+    in.int8_rows = &int8_rows.rows;
+    if (Zero::any) in.xsums = int8_rows.group_sums.data_ptr<float>();
   }
 #endif
   auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {

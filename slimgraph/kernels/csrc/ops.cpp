@@ -48,11 +48,12 @@ c10::optional<at::Tensor> linear_nf4_fast(Args a, const Tables& tables) {
                      a[5].toOptional<at::Tensor>(), packed.size(1) * 2 / blocks);
 }
 
-// tables: the e2m1 values; NV-style scales fold the per-tensor global scale into them.
+// tables: the e2m1 values. NV's per-tensor global scale multiplies x: folded into the
+// table instead, it would make the entries inexact in the kernel's int8.
 c10::optional<at::Tensor> linear_fp4_fast(Args a, const Tables& tables) {
-  at::Tensor lut = a[3].isNone() ? tables[0] : tables[0] * a[3].toTensor();
-  return lut4_linear(a[0].toTensor(), a[1].toTensor(), lut, a[2].toTensor(),
-                     a[4].toOptional<at::Tensor>(), a[5].toInt());
+  at::Tensor x = a[3].isNone() ? a[0].toTensor() : a[0].toTensor() * a[3].toTensor();
+  return lut4_linear(x, a[1].toTensor(), tables[0], a[2].toTensor(), a[4].toOptional<at::Tensor>(),
+                     a[5].toInt());
 }
 
 // tables: the 256 decoded bytes of float8_e4m3fn, then of float8_e5m2, each [256, 1].
