@@ -34,10 +34,10 @@ inline float lut4_weight(const uint8_t* packed_row, const float* lut, float scal
 
 // Codes become int8 table values by one vpshufb per 32 codes, and vpmaddubsw multiplies
 // them with x rounded to int8 per chunk of 32 columns, as llama.cpp (Q8_0 activations)
-// and XNNPACK (qd8) do on CPUs: 1.6x faster than 16-bit products, whose table values
-// took 5 shuffles per 32 codes to assemble. x is off by at most max|x over its chunk|
-// / 254 per entry and a table entry not exact in int8 (NF4, HIGGS) by max|lut| / 254:
-// about 3e-3 of the output's norm, a fiftieth of 4-bit rounding's own error (0.1-0.2).
+// and XNNPACK (qd8) do on CPUs: 1.5-1.8x faster than 16-bit products, whose table
+// values took 5 shuffles per 32 codes to assemble. x is off by at most max|x over its
+// chunk| / 254 per entry and a table entry not exact in int8 (NF4, HIGGS) by max|lut| /
+// 254: 4e-3 to 8e-3 of the output's norm, a twentieth of 4-bit rounding's own error.
 //
 // A 32-byte load holds the codes of 64 columns: its low nibbles are the even columns,
 // its high ones the odd columns, so x is laid out per 64-column block as its 32 even
@@ -45,6 +45,16 @@ inline float lut4_weight(const uint8_t* packed_row, const float* lut, float scal
 // signed one, so the products are |w| times x with w's sign (vpsignb); no pair of them
 // reaches 2^15 (2 * 127 * 127), and vpmaddwd adds pairs into int32: lane j of a block's
 // sums covers its columns 8j .. 8j + 7.
+
+// One call's x as each path reads it: float rows (scalar loops, tails, zero points) and
+// the int8 rows of the AVX2 loop.
+struct Lut4Inputs {
+  const float* x;         // [M, K]
+  const void* int8_rows;  // the Int8Rows of the AVX2 loop (scales times the table's 1/t), or null
+  const float* xsums;     // [M, groups]: x summed over each group, for zero points (int8_x)
+  int64_t K;
+};
+
 #ifdef __AVX2__
 struct Int8Table {
   __m256i values;  // round(lut * t), the 16 entries twice (both lanes)
@@ -101,11 +111,18 @@ Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
     float inverse, scale = chunk_scale(chunk, X8_LEVELS, inverse);
     std::fill(s + c * 4, s + c * 4 + 4, scale * factor);
     int8_t* block = q + (c / 2) * 64;
+    float* group_sum = groups ? sums + row * groups + first / group : nullptr;
+    int64_t group_end = groups ? (first / group + 1) * group : 0;  // no division a column
     for (int64_t i = 0; i < CHUNK; ++i) {
       int64_t k = (c % 2) * CHUNK + i;  // the column in its block
       auto code = static_cast<int8_t>(fixed_point_code(chunk[i], inverse));
       block[(k & 1) * 32 + k / 2] = code;
-      if (groups) sums[row * groups + (first + i) / group] += code * scale;
+      if (!group_sum) continue;
+      if (first + i == group_end) {
+        ++group_sum;
+        group_end += group;
+      }
+      *group_sum += code * scale;
     }
   }
   for (int64_t row = 0; groups && row < M; ++row)
@@ -147,19 +164,24 @@ inline __m256 lane_group_scales(Scales scales, int64_t p, int64_t group) {
   return _mm256_load_ps(lanes);
 }
 
-// dots[r] += the whole blocks' part of row r's dot product. Groups of 64 columns and more
-// sum their blocks, then scale once; smaller ones scale each block by its lanes' groups.
-template <int R, typename Scales>
-void lut4_dots_int8(const Int8Rows& rows, int64_t m, const uint8_t* packed,
-                    const Int8Table& table, Scales scales, int64_t group, float* dots) {
+// dots[r] += the whole blocks' part of row r's dot product, less its zero points (zero *
+// scale * the group's x sum, over all groups). Groups of 64 columns and more sum their
+// blocks, then scale once and take the zero point off with the scale at hand (a pass of
+// its own re-decoded every scale: +20% for int4 with float16 scales); smaller ones scale
+// each block by its lanes' groups.
+template <int R, typename Scales, typename Zero>
+void lut4_dots_int8(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
+                    const Int8Table& table, Scales scales, Zero zeros, int64_t group, float* dots) {
   const __m256i t = table.values;  // a copy, so the loops keep it in a register
-  const Int8Rows x = rows.from(m);
+  const Int8Rows x = static_cast<const Int8Rows*>(in.int8_rows)->from(m);
+  const int64_t groups = in.K / group;
+  const float* xsums = in.xsums + m * groups;
   __m256 total[R];
   __m256i sums[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   if (group % 64 == 0) {
     int64_t per_group = group / 64;
-    for (int64_t g = 0; g < x.blocks / per_group; ++g) {
+    for (int64_t g = 0; g < groups; ++g) {
       __m256 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
@@ -167,8 +189,10 @@ void lut4_dots_int8(const Int8Rows& rows, int64_t m, const uint8_t* packed,
         for (int r = 0; r < R; ++r)
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_loadu_ps(x.lane_scales(r, p)), acc[r]);
       }
-      __m256 scale = _mm256_set1_ps(scales[g]);
-      for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(acc[r], scale, total[r]);
+      float scale = scales[g];
+      for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(scale), total[r]);
+      if constexpr (Zero::any)
+        for (int r = 0; r < R; ++r) dots[r] -= scale * zeros[g] * xsums[r * groups + g];
     }
   } else {
     for (int64_t p = 0; p < x.blocks; ++p) {
@@ -179,19 +203,13 @@ void lut4_dots_int8(const Int8Rows& rows, int64_t m, const uint8_t* packed,
         total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, total[r]);
       }
     }
+    if constexpr (Zero::any)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int r = 0; r < R; ++r) dots[r] -= scales[g] * zeros[g] * xsums[r * groups + g];
   }
   for (int r = 0; r < R; ++r) dots[r] += horizontal_sum(total[r]);
 }
 #endif
-
-// One call's x as each path reads it: float rows (scalar loops, tails, zero points) and
-// the int8 rows of the AVX2 loop.
-struct Lut4Inputs {
-  const float* x;         // [M, K]
-  const void* int8_rows;  // the Int8Rows of the AVX2 loop (scales times the table's 1/t), or null
-  const float* xsums;     // [M, groups]: x summed over each group, for zero points (int8_x)
-  int64_t K;
-};
 
 // dots[r] = sum_k x[m + r, k] * (lut[code_k] - zero_g) * scale_g over one weight row.
 // With the int8 rows (AVX2, group a multiple of 16) the whole 64-column blocks go through
@@ -204,16 +222,13 @@ void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const flo
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
 #ifdef __AVX2__
   if (in.int8_rows) {
-    const Int8Rows& rows = *static_cast<const Int8Rows*>(in.int8_rows);
-    lut4_dots_int8<R>(rows, m, packed, *static_cast<const Int8Table*>(table), scales, group, dots);
-    for (int64_t k = rows.blocks * 64; k < K; ++k) {
+    lut4_dots_int8<R>(in, m, packed, *static_cast<const Int8Table*>(table), scales, zeros, group,
+                      dots);
+    int64_t blocks = static_cast<const Int8Rows*>(in.int8_rows)->blocks;
+    for (int64_t k = blocks * 64; k < K; ++k) {  // zero points: in the x sums already
       float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
       for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
     }
-    if constexpr (Zero::any)
-      for (int64_t g = 0; g < K / group; ++g)
-        for (int r = 0; r < R; ++r)
-          dots[r] -= scales[g] * zeros[g] * in.xsums[(m + r) * (K / group) + g];
     return;
   }
 #endif
