@@ -100,11 +100,11 @@ Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
   int64_t M = x.size(0), K = x.size(1), blocks = K / 64, groups = group > 0 ? K / group : 0;
   at::Tensor values = at::empty({M, blocks * 64}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({M, blocks * 8}, x.options());
-  at::Tensor group_sums = at::zeros({M, groups}, x.options());
+  at::Tensor group_sums = groups ? at::zeros({M, groups}, x.options()) : at::Tensor();
   const float* xp = x.data_ptr<float>();
   int8_t* q = values.data_ptr<int8_t>();
   float* s = scales.data_ptr<float>();
-  float* sums = group_sums.data_ptr<float>();
+  float* sums = groups ? group_sums.data_ptr<float>() : nullptr;
   for (int64_t c = 0; c < M * blocks * 2; ++c) {  // chunk c: half c % 2 of block c / 2
     int64_t row = c / (blocks * 2), first = (c % (blocks * 2)) * CHUNK;
     const float* chunk = xp + row * K + first;
