@@ -22,14 +22,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = native.load()
-    if module is None:
-        pytest.skip("native kernels could not be built on this machine")
-    return module
-
-
 def _packed(name: str, **overrides):
     fmt, options = CASES[name]
     torch.manual_seed(0)

@@ -22,15 +22,6 @@ E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).floa
 
 
 @pytest.fixture(scope="session")
-def kernels():
-    """The compiled extension (the first build takes ~20-80 s; torch caches it on disk)."""
-    module = native.load()
-    if module is None:
-        pytest.skip("native kernels could not be built on this machine (no C++ compiler?)")
-    return module
-
-
-@pytest.fixture(scope="session")
 def scalar_kernels():
     """The build without AVX2, which CPUs lacking it get (another ~60 s build, also cached)."""
     try:

@@ -46,12 +46,23 @@ inline float lut4_weight(const uint8_t* packed_row, const float* lut, float scal
 // reaches 2^15 (2 * 127 * 127), and vpmaddwd adds pairs into int32: lane j of a block's
 // sums covers its columns 8j .. 8j + 7.
 
+// x [M, K] in int8 for the whole 64-column blocks; the columns past them run in float.
+struct Int8Rows {
+  const int8_t* q = nullptr;  // [rows, blocks * 64]: per block, even columns then odd
+  const float* s = nullptr;   // [rows, blocks * 8]: each 8-column lane's chunk scale
+  int64_t blocks = 0;         // per row
+
+  const int8_t* block(int64_t row, int64_t p) const { return q + (row * blocks + p) * 64; }
+  const float* lane_scales(int64_t row, int64_t p) const { return s + (row * blocks + p) * 8; }
+  Int8Rows from(int64_t row) const { return {block(row, 0), lane_scales(row, 0), blocks}; }
+};
+
 // One call's x as each path reads it: float rows (scalar loops, tails, zero points) and
 // the int8 rows of the AVX2 loop.
 struct Lut4Inputs {
-  const float* x;         // [M, K]
-  const void* int8_rows;  // the Int8Rows of the AVX2 loop (scales times the table's 1/t), or null
-  const float* xsums;     // [M, groups]: x summed over each group, for zero points (int8_x)
+  const float* x;             // [M, K]
+  const Int8Rows* int8_rows;  // the AVX2 loop's (scales times the table's 1/t), or null
+  const float* xsums;         // [M, groups]: x summed over each group, for zero points (int8_x)
   int64_t K;
 };
 
@@ -75,17 +86,6 @@ Int8Table int8_table(const float* lut) {
     values[v] = values[v + 16] = static_cast<int8_t>(std::lrint(lut[v] * t));
   return {_mm256_load_si256(reinterpret_cast<const __m256i*>(values)), 1.f / t};
 }
-
-// x [M, K] in int8 for the whole 64-column blocks; the columns past them run in float.
-struct Int8Rows {
-  const int8_t* q = nullptr;  // [rows, blocks * 64]: per block, even columns then odd
-  const float* s = nullptr;   // [rows, blocks * 8]: each 8-column lane's chunk scale
-  int64_t blocks = 0;         // per row
-
-  const int8_t* block(int64_t row, int64_t p) const { return q + (row * blocks + p) * 64; }
-  const float* lane_scales(int64_t row, int64_t p) const { return s + (row * blocks + p) * 8; }
-  Int8Rows from(int64_t row) const { return {block(row, 0), lane_scales(row, 0), blocks}; }
-};
 
 struct Int8X {  // the tensors that own a call's int8 rows
   at::Tensor values, scales, group_sums;
@@ -173,7 +173,7 @@ template <int R, typename Scales, typename Zero>
 void lut4_dots_int8(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
                     const Int8Table& table, Scales scales, Zero zeros, int64_t group, float* dots) {
   const __m256i t = table.values;  // a copy, so the loops keep it in a register
-  const Int8Rows x = static_cast<const Int8Rows*>(in.int8_rows)->from(m);
+  const Int8Rows x = in.int8_rows->from(m);
   const int64_t groups = in.K / group;
   const float* xsums = in.xsums + m * groups;
   __m256 total[R];
@@ -224,8 +224,7 @@ void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const flo
   if (in.int8_rows) {
     lut4_dots_int8<R>(in, m, packed, *static_cast<const Int8Table*>(table), scales, zeros, group,
                       dots);
-    int64_t blocks = static_cast<const Int8Rows*>(in.int8_rows)->blocks;
-    for (int64_t k = blocks * 64; k < K; ++k) {  // zero points: in the x sums already
+    for (int64_t k = in.int8_rows->blocks * 64; k < K; ++k) {  // zero points: in the x sums already
       float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
       for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
     }
