@@ -39,7 +39,7 @@ from torch import nn
 
 from slimgraph import models
 from slimgraph.kernels import FORMATS, QuantFormat
-from slimgraph.kernels.gptq import gptq_pack
+from slimgraph.kernels.gptq import DEFAULT_DAMP, gptq_pack
 
 RESULTS = Path(__file__).parent / "results" / "gptq_minilm.json"
 BATCH, TOKENS, SENTENCES = 32, 64, 256
@@ -95,7 +95,8 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "calibration_sentences": len(calibration) * BATCH,
-        "evaluation_sentences": len(evaluation) * BATCH, "tokens": TOKENS, "damp": 0.01, "block_size": 128,
+        "evaluation_sentences": len(evaluation) * BATCH, "tokens": TOKENS, "damp": DEFAULT_DAMP, "block_size": 128,
+        "act_order": True,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "rows": rows}, indent=2) + "\n")
