@@ -113,8 +113,8 @@ def cpu_kernel(name: str, tables: Callable[[], tuple[torch.Tensor, ...]] = tuple
 
     Goes under ``custom_op``, on the op's Python body, which stays the kernel's fallback
     for every call it does not take natively. ``custom_op`` calls the body through Python
-    (~25 µs a call); the dispatcher reaches the C++ kernel in ~2 µs, which at batch 1 is
-    a sixth of an 8-layer 4-bit model's time. ``tables()`` returns the constants the C++
+    (~25 µs a call); the dispatcher reaches the C++ kernel in ~2 µs; at batch 1 that was
+    an eighth of an 8-layer 4-bit model's time. ``tables()`` returns the constants the C++
     fast path reads (a format's code values); it runs when the kernel is registered::
 
         @torch.library.custom_op("slimgraph::linear_nf4", mutates_args=())

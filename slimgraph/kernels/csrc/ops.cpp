@@ -1,7 +1,7 @@
 // CPU kernels of the slimgraph:: linear ops, registered with the dispatcher from C++.
 //
 // A torch.library.custom_op runs its body through Python: about 25 µs a call before
-// any kernel work, a sixth of an 8-layer 4-bit model's time at batch 1. Once the
+// any kernel work, an eighth of an 8-layer 4-bit model's time at batch 1. Once the
 // extension loads, slimgraph.kernels.native registers the boxed kernel below for the
 // ops' CPU key (register_cpu_op), which costs about 2 µs. It reads the arguments off
 // the dispatcher's stack and takes the native path for float32 x; everything else
