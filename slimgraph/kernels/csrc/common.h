@@ -291,7 +291,7 @@ inline long fixed_point_code(float value, float inverse) {
 
 // Rows of x in 16-bit fixed point, from some row on: plain values an inner loop keeps in registers.
 struct FixedPointRows {
-  const int16_t* q = nullptr;  // [rows, chunks * CHUNK], chunk columns in the kernel's order
+  const int16_t* q = nullptr;  // [rows, chunks * CHUNK]
   const float* s = nullptr;    // [rows, chunks]: x ≈ q * s
   int64_t chunks = 0;          // per row
 
@@ -305,11 +305,9 @@ struct FixedPointX {  // the tensors that own a call's fixed-point rows
   FixedPointRows rows;
 };
 
-// x [M, K] (float32, contiguous) in 16-bit fixed point; position i of each chunk holds
-// column column_of(i) of that chunk, and every scale is multiplied by `factor`. Tail
-// columns past the last whole chunk are left to the caller.
-template <typename Order>
-FixedPointX fixed_point_x(const at::Tensor& x, float factor, Order column_of) {
+// x [M, K] (float32, contiguous) in 16-bit fixed point, chunk by chunk in column order.
+// Tail columns past the last whole chunk are left to the caller.
+inline FixedPointX fixed_point_x(const at::Tensor& x) {
   int64_t M = x.size(0), K = x.size(1), chunks = K / CHUNK;
   at::Tensor values = at::empty({M, chunks * CHUNK}, x.options().dtype(at::kShort));
   at::Tensor scale_tensor = at::empty({M, chunks}, x.options());
@@ -319,14 +317,12 @@ FixedPointX fixed_point_x(const at::Tensor& x, float factor, Order column_of) {
   for (int64_t c = 0; c < M * chunks; ++c) {
     const float* chunk = xp + (c / chunks) * K + (c % chunks) * CHUNK;
     float inverse;
-    scales[c] = chunk_scale(chunk, X_LEVELS, inverse) * factor;
+    scales[c] = chunk_scale(chunk, X_LEVELS, inverse);
     for (int64_t i = 0; i < CHUNK; ++i)
-      q[c * CHUNK + i] = static_cast<int16_t>(fixed_point_code(chunk[column_of(i)], inverse));
+      q[c * CHUNK + i] = static_cast<int16_t>(fixed_point_code(chunk[i], inverse));
   }
   return {values, scale_tensor, {q, scales, chunks}};
 }
-
-inline int64_t same_column(int64_t i) { return i; }
 
 #ifdef __AVX2__
 inline __m256i load16(const int16_t* p) {

@@ -160,7 +160,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight,
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   FixedPointX fixed;
-  if (M < LARGE_M) fixed = fixed_point_x(x, 1.f, same_column);
+  if (M < LARGE_M) fixed = fixed_point_x(x);
   run_linear(
       x, y, b,
       [&](auto rows, int64_t m, int64_t o, float* dots) {
