@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -99,16 +99,27 @@ class ExplainedGuards(nn.Module):
         super().__init__()
         self.guards = guards
         self.first_input = first_input
+        self.check = _undecorated_check(guards)
 
     def forward(self, *args: Any) -> None:
         try:
-            self.guards(*args)
+            # Dynamo must trace the module itself (it re-derives the guards from it); eager
+            # calls skip the Dynamo-config patch around export's check: 13 → 4 µs a call.
+            (self.guards if torch.compiler.is_compiling() else self.check)(*args)
         except AssertionError as error:
             raise AssertionError(
                 f"{error}: the graph was captured for the example inputs' sizes. To run other sizes, "
                 f"capture with dynamic_shapes, e.g. "
                 f"dynamic_shapes={{'{self.first_input}': {{0: torch.export.Dim('batch')}}}}"
             ) from None
+
+
+def _undecorated_check(guards: nn.Module) -> Callable[..., None]:
+    """export's generated check function (``def _(*args)``), unwrapped from the
+    ``dont_skip_tracing`` decorator on its ``forward``; ``guards`` itself if it is not there."""
+    cells = getattr(guards.forward, "__closure__", None) or ()
+    functions = [c.cell_contents for c in cells if inspect.isfunction(c.cell_contents)]
+    return functions[0] if len(functions) == 1 and functions[0].__name__ == "_" else guards
 
 
 class _InliningTracer(fx.Tracer):

@@ -1,6 +1,13 @@
 """Passes and the machinery that runs them. Importing this registers every built-in pass."""
 
-from slimgraph.passes import cleanup, fold_constants, layer_drop, prune, quantize  # noqa: F401 - registration
+from slimgraph.passes import (  # noqa: F401 - registration
+    cleanup,
+    fold_constants,
+    fuse_activations,
+    layer_drop,
+    prune,
+    quantize,
+)
 from slimgraph.passes.manager import (
     PASS_REGISTRY,
     Pass,

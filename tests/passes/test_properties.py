@@ -20,7 +20,7 @@ from torch import nn
 
 import slimgraph
 
-PASSES = ["cleanup", "fold_constants", "cleanup, fold_constants"]
+PASSES = ["cleanup", "fold_constants", "cleanup, fold_constants", "cleanup, fuse_activations"]
 # Folded values are stored contiguous, so a matmul may read them in another layout and round
 # differently in the last bits; nothing else changes the arithmetic.
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
