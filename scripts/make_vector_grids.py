@@ -3,7 +3,8 @@
     .venv/bin/python scripts/make_vector_grids.py   # ~8 min on 2 CPU cores
 
 k-means on 2^20 seeded N(0, I₂) samples, 250 iterations, for 1 to 4 bits per
-coordinate (4, 16, 64 and 256 points). Prints the held-out MSE per coordinate.
+coordinate (4, 16, 64 and 256 points); the 4-bit grid sign-symmetric
+(``compute_vector_grid_2d``). Prints the held-out MSE per coordinate.
 """
 
 from __future__ import annotations

@@ -32,10 +32,13 @@ So ``bits_per_weight = bits + 16/group_size + 8·group_size/(out·in)``. The gri
 themselves are constants of ``(bits, p)``, like the NF4 code, and not stored.
 
 ``p=1`` is the default. ``p=2`` costs the same bits and cuts the error by about 17%
-(4-bit relative MSE ≈0.0077 against ≈0.0093 on Gaussian weights at group 128), but
+(4-bit relative MSE ≈0.0078 against ≈0.0093 on Gaussian weights at group 128), but
 packing is ~8x slower (nearest of 256 points per pair: 33 s against 4 s for a
-4096×4096 weight on 2 cores) and its 256×2 table made the native GEMV ~1.7x slower
-than the 16-entry one in our measurements; pick it when quality matters more.
+4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.9x slower than the 4-bit one
+(199 against 105 µs for 2048², 2 threads): its 4-bit grid is sign-symmetric, so the
+kernel reads 64 magnitudes per coordinate with byte shuffles (four tables and three
+blends each), twice the 4-bit kernel's one shuffle per 32 codes. Pick it when quality
+matters more.
 
 GPTQ (``method=gptq``, :mod:`slimgraph.kernels.gptq`) works at every bit width for
 both grids: it rounds ``W·R`` in the rotated basis the codes live in, with the Hessian

@@ -201,6 +201,8 @@ class _Loader:
                 raise self.error(f"node '{name}' calls {target}: {problem}; the file was saved by slimgraph "
                                  f"{self.metadata['slimgraph_version']}, whose operator took other arguments: "
                                  "optimize and save the model again with this version")
+            if problem := retired_encoding(target, args, kwargs, int(self.metadata["format_version"])):
+                raise self.error(f"node '{name}' {problem}")
             node = graph.create_node(op, target, tuple(args), kwargs, name=name)
             self.check(node.name == name, f"node name '{name}' clashes with a Python name")
             meta = entry.get("meta")
@@ -295,3 +297,18 @@ class _Loader:
 
     def error(self, problem: str) -> SerializationError:
         return SerializationError(f"cannot load {self.path}: {problem}")
+
+
+def retired_encoding(target: Any, args: list, kwargs: dict, version: int) -> str | None:
+    """Why a node from a file of format ``version`` would compute something else today, or ``None``.
+
+    v2: HIGGS 4-bit p=2 codes index the sign-symmetric 2-D grid (``kernels/grids.py``); a v1
+    file's codes index the unconstrained grid before it, which is not shipped any more.
+    """
+    if version >= 2 or target is not torch.ops.slimgraph.linear_higgs.default:
+        return None
+    bound = dict(zip([a.name for a in target._schema.arguments], args, strict=False)) | kwargs
+    if (bound.get("bits"), bound.get("p")) != (4, 2):
+        return None
+    return ("is a 4-bit HIGGS layer with p=2 from a format v1 file: its codes index the 2-D grid that "
+            "format v2 replaced by a sign-symmetric one; quantize and save the model again")

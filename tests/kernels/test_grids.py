@@ -14,6 +14,7 @@ from slimgraph.kernels.grids import (
     dequantize_groups,
     gaussian_mse,
     lloyd_max_grid,
+    mirror_quadrant,
     nearest,
     quantize_groups,
     vector_grid_2d,
@@ -101,8 +102,10 @@ def test_vector_grid_mse_per_coordinate_matches_references(bits):
     assert grid.shape == (2 ** (2 * bits), 2) and grid.dtype == torch.float32
     x = _held_out_gaussian(1 << 21, dims=2)
     mse_per_coordinate = (x - grid[nearest(x, grid)]).pow(2).mean().item()
-    # Held-out Monte Carlo error is ~0.1%; k-means from the product grid stops within 0.5%.
-    assert VECTOR_GRID_MSE[bits] * 0.99 < mse_per_coordinate < VECTOR_GRID_MSE[bits] * 1.01
+    # Held-out Monte Carlo error is ~0.1%; k-means from the product grid stops within 0.5%;
+    # the 4-bit grid's sign symmetry costs 0.7% more (measured 0.00785 against 0.00779).
+    allowed = 1.02 if bits == 4 else 1.01
+    assert VECTOR_GRID_MSE[bits] * 0.99 < mse_per_coordinate < VECTOR_GRID_MSE[bits] * allowed
     assert mse_per_coordinate < LLOYD_MAX[bits][1]  # strictly better than the product grid
 
 
@@ -110,6 +113,22 @@ def test_vector_grid_4_bits_is_within_stated_tolerance():
     grid = vector_grid_2d(4)
     x = _held_out_gaussian(1 << 21, dims=2)
     assert (x - grid[nearest(x, grid)]).pow(2).mean().item() <= 0.0080
+
+
+def test_vector_grid_4_bits_is_sign_symmetric_in_the_kernels_layout():
+    """Code c is (±Q[c & 63, 0], ±Q[c & 63, 1]) with bit 6 the first sign and bit 7 the second."""
+    grid = vector_grid_2d(4)
+    quadrant = grid[:64]
+    assert (quadrant > 0).all()
+    codes = torch.arange(256)
+    signs = torch.stack([1 - 2 * ((codes >> 6) & 1), 1 - 2 * ((codes >> 7) & 1)], dim=1).float()
+    assert torch.equal(grid, signs * quadrant[codes & 63])
+    assert torch.equal(mirror_quadrant(quadrant), grid)
+
+
+def test_compute_vector_grid_2d_sign_symmetric_on_request():
+    grid = compute_vector_grid_2d(2, num_samples=1 << 14, iterations=10, sign_symmetric=True)
+    assert torch.equal(mirror_quadrant(grid[:4]), grid) and (grid[:4] > 0).all()
 
 
 def test_compute_vector_grid_2d_runs_kmeans_from_scratch():

@@ -105,7 +105,7 @@ def _relative_mse(name: str, kind: str, **options) -> float:
     return ((w - w_hat).pow(2).sum() / w.pow(2).sum()).item()
 
 
-# Measured: p=1 0.00932 / 0.00921 / 0.00886 / 0.00886, p=2 0.00769 / 0.00762 / 0.00743 / 0.00735,
+# Measured: p=1 0.00932 / 0.00921 / 0.00886 / 0.00886, p=2 0.00775 / 0.00769 / 0.00748 / 0.00741,
 # nf4 0.00846 / 0.01074 / 0.01508 / 0.01493 (Gaussian / Laplace / Student-t / outliers).
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DISTRIBUTIONS)
@@ -145,7 +145,7 @@ def test_op_equals_linear_with_the_dequantized_weight(kernel_path, bits, p, with
                         None if bias is None else bias.double())
     y = packed(x, bias)
     assert y.shape == (2, 3, 48) and y.dtype == torch.float32
-    if (bits, p) == (4, 1):  # the native 4-bit batch-1 path rounds x and the grid to int8
+    if bits == 4:  # the native 4-bit batch-1 paths round x and the grid to int8
         assert_within_four_bit_error(y, expected.float())
     else:
         torch.testing.assert_close(y, expected.float(), rtol=1e-4, atol=1e-4)
@@ -155,8 +155,11 @@ def test_op_equals_linear_with_the_dequantized_weight(kernel_path, bits, p, with
 def test_op_takes_any_leading_dims(kernel_path, shape):
     packed = _packed(4, 2)
     x = torch.randn(shape)
-    expected = x.reshape(-1, 256) @ FORMATS["higgs"].dequantize(packed).T
-    torch.testing.assert_close(packed(x), expected.reshape(*shape[:-1], 48), rtol=1e-4, atol=1e-4)
+    expected = (x.reshape(-1, 256) @ FORMATS["higgs"].dequantize(packed).T).reshape(*shape[:-1], 48)
+    if kernel_path == "native" and x.numel() // 256 < 16:  # the int8 batch-1 path
+        assert_within_four_bit_error(packed(x), expected)
+    else:
+        torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("bits", "p"), CONFIGS)
@@ -167,7 +170,7 @@ def test_native_matches_reference(monkeypatch, bits, p):
     x, bias = torch.randn(7, 512), torch.randn(96)
     fast = packed(x, bias)
     monkeypatch.setenv(native.DISABLE_ENV, "1")
-    if (bits, p) == (4, 1):
+    if bits == 4:
         assert_within_four_bit_error(fast, packed(x, bias))
     else:
         torch.testing.assert_close(fast, packed(x, bias), rtol=1e-4, atol=1e-4)

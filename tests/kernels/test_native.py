@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimgraph.kernels import hadamard, native
+from slimgraph.kernels.grids import mirror_quadrant
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 BATCH_SHAPES = st.lists(st.integers(1, 5), min_size=0, max_size=3)
@@ -353,6 +354,53 @@ def test_lut8_random_shapes(kernels, batch_shape, width, group_size, groups, out
     got = kernels.lut8_linear(x, codes, lut, scales, bias, group_size)
     expected = reference_lut(x, codes, lut, scales, bias, group_size)
     torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+def random_quadrant_lut(seed):
+    """A sign-symmetric ``[256, 2]`` pair grid in HIGGS p=2's layout (``grids.mirror_quadrant``)."""
+    return mirror_quadrant(torch.rand(64, 2, generator=torch.Generator().manual_seed(seed)) * 3 + 0.05)
+
+
+def assert_quadrant_pairs_within_bound(kernels, batch_shape, out_features, group_size, groups,
+                                       scale_dtype, with_bias, seed):
+    """Pairs on a sign-symmetric grid run in int8 below 16 rows (x per 32 columns, magnitudes
+    to max / 127), as 4-bit codes do; the tiled path and float tails stay within it too."""
+    in_features = group_size * groups
+    codes, _, scales = random_lut8(out_features, in_features, 2, group_size, scale_dtype, seed)
+    lut = random_quadrant_lut(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch_shape, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    got = kernels.lut8_linear(x, codes, lut, scales, bias, group_size)
+    assert_within_fixed_point_error(got, x, weight_lut(codes, lut, scales, group_size), bias,
+                                    lut4_table_error(lut, scales, group_size), X8_LEVELS)
+
+
+@pytest.mark.parametrize("batch_shape", FIXED_BATCH_SHAPES)
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize(("group_size", "groups"), [(16, 5), (32, 5), (128, 3)])  # 80, 160: float tails
+def test_lut8_sign_symmetric_pairs_match_reference(kernels, batch_shape, scale_dtype, group_size, groups):
+    assert_quadrant_pairs_within_bound(kernels, batch_shape, 37, group_size, groups, scale_dtype, True, 5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch_shape=BATCH_SHAPES, group_size=st.sampled_from([16, 32, 48, 64, 128]), groups=st.integers(1, 4),
+       out_features=st.integers(1, 40), scale_dtype=st.sampled_from(SCALE_DTYPES), with_bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_lut8_sign_symmetric_pairs_random_shapes(kernels, batch_shape, group_size, groups, out_features,
+                                                 scale_dtype, with_bias, seed):
+    assert_quadrant_pairs_within_bound(kernels, batch_shape, out_features, group_size, groups, scale_dtype,
+                                       with_bias, seed)
+
+
+def test_lut8_pairs_off_the_symmetric_layout_stay_exact(kernels):
+    """One entry off the layout sends the grid down the float path: tight tolerance again."""
+    codes, _, scales = random_lut8(24, 256, 2, 64, torch.float32, seed=1)
+    lut = random_quadrant_lut(1)
+    lut[200, 0] += 0.25
+    x = torch.randn(1, 256)
+    got = kernels.lut8_linear(x, codes, lut, scales, None, 64)
+    torch.testing.assert_close(got, reference_lut(x, codes, lut, scales, None, 64), **TOLERANCE)
 
 
 @pytest.mark.parametrize("rows", [1, 16])

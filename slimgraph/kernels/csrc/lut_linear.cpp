@@ -1,7 +1,10 @@
 // 4-bit codes (two per byte) and 8-bit codes read through a table: int4 (integer
-// codes, optional zero points), NF4 / fp4 / HIGGS p=1 (lut4), fp8 / HIGGS p=2 (lut8).
+// codes, optional zero points), NF4 / fp4 / HIGGS p=1 (lut4), fp8 / HIGGS p=2 (lut8; HIGGS's
+// sign-symmetric pair grid in int8 at batch 1).
 
 #include "common.h"
+
+#include <optional>
 
 namespace {
 
@@ -130,25 +133,37 @@ Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
   return {values, scales, group_sums, {q, s, blocks}};
 }
 
-// The int32 sums of block p of one weight row with R rows of x (`x` from the first).
-template <int R>
-inline void block_sums(const Int8Rows& x, const uint8_t* packed, __m256i table, int64_t p,
-                       __m256i* sums) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * p));
-  __m256i even = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low));
-  __m256i odd = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
-  __m256i even_magnitude = _mm256_sign_epi8(even, even), odd_magnitude = _mm256_sign_epi8(odd, odd);
-  for (int r = 0; r < R; ++r) {
-    const int8_t* xq = x.block(r, p);
-    __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-    __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
-    __m256i products_even = _mm256_maddubs_epi16(even_magnitude, _mm256_sign_epi8(x_even, even));
-    __m256i products_odd = _mm256_maddubs_epi16(odd_magnitude, _mm256_sign_epi8(x_odd, odd));
-    sums[r] = _mm256_add_epi32(_mm256_madd_epi16(products_even, ones),
-                               _mm256_madd_epi16(products_odd, ones));
-  }
+// |even| · (x_even with even's signs) + |odd| · (x_odd with odd's signs), in int32 lanes.
+inline __m256i signed_products(__m256i even_magnitude, __m256i x_even, __m256i even_signs,
+                               __m256i odd_magnitude, __m256i x_odd, __m256i odd_signs) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i products_even = _mm256_maddubs_epi16(even_magnitude, _mm256_sign_epi8(x_even, even_signs));
+  __m256i products_odd = _mm256_maddubs_epi16(odd_magnitude, _mm256_sign_epi8(x_odd, odd_signs));
+  return _mm256_add_epi32(_mm256_madd_epi16(products_even, ones), _mm256_madd_epi16(products_odd, ones));
 }
+
+inline __m256i load_block(const int8_t* x) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+}
+
+// Block sums of 4-bit codes, two per byte: the int32 sums of block p of one weight row
+// with R rows of x (`x` from the first).
+struct NibbleBlocks {
+  const uint8_t* packed;
+  __m256i table;
+
+  template <int R>
+  void sums(const Int8Rows& x, int64_t p, __m256i* out) const {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * p));
+    __m256i even = _mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low));
+    __m256i odd = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
+    __m256i even_magnitude = _mm256_sign_epi8(even, even), odd_magnitude = _mm256_sign_epi8(odd, odd);
+    for (int r = 0; r < R; ++r)
+      out[r] = signed_products(even_magnitude, load_block(x.block(r, p)), even, odd_magnitude,
+                               load_block(x.block(r, p) + 32), odd);
+  }
+};
 
 // The group scale of each 8-column lane of block p, for groups that are not a multiple of
 // 64 columns: NVFP4's 16 and MX's 32 directly, other multiples of 16 by division.
@@ -169,10 +184,9 @@ inline __m256 lane_group_scales(Scales scales, int64_t p, int64_t group) {
 // blocks, then scale once and take the zero point off with the scale at hand (a pass of
 // its own re-decoded every scale: +20% for int4 with float16 scales); smaller ones scale
 // each block by its lanes' groups.
-template <int R, typename Scales, typename Zero>
-void lut4_dots_int8(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
-                    const Int8Table& table, Scales scales, Zero zeros, int64_t group, float* dots) {
-  const __m256i t = table.values;  // a copy, so the loops keep it in a register
+template <int R, typename Blocks, typename Scales, typename Zero>
+void dots_int8(const Lut4Inputs& in, int64_t m, const Blocks blocks, Scales scales, Zero zeros,
+               int64_t group, float* dots) {
   const Int8Rows x = in.int8_rows->from(m);
   const int64_t groups = in.K / group;
   const float* xsums = in.xsums + m * groups;
@@ -185,7 +199,7 @@ void lut4_dots_int8(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
       __m256 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
-        block_sums<R>(x, packed, t, p, sums);
+        blocks.template sums<R>(x, p, sums);
         for (int r = 0; r < R; ++r)
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_loadu_ps(x.lane_scales(r, p)), acc[r]);
       }
@@ -197,7 +211,7 @@ void lut4_dots_int8(const Lut4Inputs& in, int64_t m, const uint8_t* packed,
   } else {
     for (int64_t p = 0; p < x.blocks; ++p) {
       __m256 group_scales = lane_group_scales(scales, p, group);
-      block_sums<R>(x, packed, t, p, sums);
+      blocks.template sums<R>(x, p, sums);
       for (int r = 0; r < R; ++r) {
         __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(x.lane_scales(r, p)), group_scales);
         total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, total[r]);
@@ -222,8 +236,8 @@ void lut4_dots(const Lut4Inputs& in, int64_t m, const uint8_t* packed, const flo
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
 #ifdef __AVX2__
   if (in.int8_rows) {
-    lut4_dots_int8<R>(in, m, packed, *static_cast<const Int8Table*>(table), scales, zeros, group,
-                      dots);
+    NibbleBlocks blocks{packed, static_cast<const Int8Table*>(table)->values};
+    dots_int8<R>(in, m, blocks, scales, zeros, group, dots);
     for (int64_t k = in.int8_rows->blocks * 64; k < K; ++k) {  // zero points: in the x sums already
       float w = lut4_weight(packed, lut, scales[k / group], 0.f, k);
       for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * K + k] * w;
@@ -363,6 +377,77 @@ bool is_e4m3_table(const float* lut) {
   return std::memcmp(lut, e4m3_table(), 256 * sizeof(float)) == 0;
 }
 
+// ---- lut8 pairs on a sign-symmetric grid: batch-1 kernel -----------------------
+
+// HIGGS's 4-bit pair grid is symmetric under sign flips (grids.py): code c stands for
+// (±A[c & 63], ±B[c & 63]), bit 6 the first sign and bit 7 the second. So 64 magnitudes
+// per coordinate, four 16-entry vpshufb tables blended by bits 4 and 5, replace 256
+// unrelated pairs loaded one at a time (PairTable), and the signs go onto x (vpsignb).
+// The rest is the 4-bit kernel's: x in int8 per 32 columns, laid out per 64-column block
+// as its even then its odd columns, which are the pairs' first and second entries, and
+// vpmaddubsw products (magnitudes at most 127, so no pair of products reaches 2^15).
+#ifdef __AVX2__
+struct QuadrantTable {
+  __m256i first[4], second[4];  // round(|A| * t), round(|B| * t): 16 codes each, both lanes
+  float inverse;                // 1 / t, folded into the x scales
+};
+
+// The tables of a [256, 2] pair grid, t = 127 / max magnitude; nullopt unless the grid is
+// sign-symmetric in the layout above.
+std::optional<QuadrantTable> quadrant_table(const float* lut) {
+  float largest = 0.f;
+  for (int c = 0; c < 256; ++c) {
+    float a = lut[2 * (c & 63)], b = lut[2 * (c & 63) + 1];
+    if (!(a >= 0.f && b >= 0.f) || lut[2 * c] != ((c & 64) ? -a : a) ||
+        lut[2 * c + 1] != ((c & 128) ? -b : b))
+      return std::nullopt;
+    largest = std::max({largest, a, b});
+  }
+  float t = largest > 0.f ? X8_LEVELS / largest : 1.f;
+  alignas(32) uint8_t bytes[2][4][32];
+  for (int j = 0; j < 64; ++j)
+    for (int i = 0; i < 2; ++i)
+      bytes[i][j / 16][j % 16] = bytes[i][j / 16][j % 16 + 16] =
+          static_cast<uint8_t>(std::lrint(lut[2 * j + i] * t));
+  QuadrantTable table{};
+  for (int q = 0; q < 4; ++q) {
+    table.first[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[0][q]));
+    table.second[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[1][q]));
+  }
+  table.inverse = 1.f / t;
+  return table;
+}
+
+// Block sums of pair codes, one per byte (see NibbleBlocks).
+struct QuadrantPairBlocks {
+  const uint8_t* codes;
+  const QuadrantTable* table;
+
+  template <int R>
+  void sums(const Int8Rows& x, int64_t p, __m256i* out) const {
+    __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * p));
+    __m256i index = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
+    // vpblendvb reads each byte's top bit; 16-bit shifts move bit 4, 5 or 6 of every byte
+    // there. Sign bytes are made odd, never 0, which vpsignb would turn into a 0.
+    __m256i bit4 = _mm256_slli_epi16(bytes, 3), bit5 = _mm256_slli_epi16(bytes, 2);
+    auto lookup = [&](const __m256i* quarters) {
+      __m256i low = _mm256_blendv_epi8(_mm256_shuffle_epi8(quarters[0], index),
+                                       _mm256_shuffle_epi8(quarters[1], index), bit4);
+      __m256i high = _mm256_blendv_epi8(_mm256_shuffle_epi8(quarters[2], index),
+                                        _mm256_shuffle_epi8(quarters[3], index), bit4);
+      return _mm256_blendv_epi8(low, high, bit5);
+    };
+    __m256i first = lookup(table->first), second = lookup(table->second);
+    const __m256i odd = _mm256_set1_epi8(1);
+    __m256i first_signs = _mm256_or_si256(_mm256_slli_epi16(bytes, 1), odd);
+    __m256i second_signs = _mm256_or_si256(bytes, odd);
+    for (int r = 0; r < R; ++r)
+      out[r] = signed_products(first, load_block(x.block(r, p)), first_signs, second,
+                               load_block(x.block(r, p) + 32), second_signs);
+  }
+};
+#endif
+
 // dots[r] = sum_k x[r, k] * lut[code, k % width] * scale_group(k) over one weight row.
 template <int R, typename Decoder, typename Scales>
 void lut8_dots(const float* x, const uint8_t* codes, Decoder decoder, Scales scales, int64_t K,
@@ -395,6 +480,23 @@ void lut8_dots(const float* x, const uint8_t* codes, Decoder decoder, Scales sca
   }
 #endif
 }
+
+#ifdef __AVX2__
+// dots[r] for pair codes on a sign-symmetric grid: whole 64-column blocks in int8, the
+// columns past them in float.
+template <int R, typename Scales>
+void quadrant_pair_dots(const Lut4Inputs& in, int64_t m, const uint8_t* codes,
+                        const QuadrantTable& table, const float* lut, Scales scales,
+                        int64_t group, float* dots) {
+  for (int r = 0; r < R; ++r) dots[r] = 0.f;
+  dots_int8<R>(in, m, QuadrantPairBlocks{codes, &table}, scales, NoZeros{}, group, dots);
+  PairTable pairs{lut};
+  for (int64_t k = in.int8_rows->blocks * 64; k < in.K; ++k) {
+    float w = pairs.value(codes, k) * scales[k / group];
+    for (int r = 0; r < R; ++r) dots[r] += in.x[(m + r) * in.K + k] * w;
+  }
+}
+#endif
 
 template <typename Decoder, typename Scales>
 void dequantize_lut8_tile(const uint8_t* codes, Decoder decoder, Scales scales, int64_t K,
@@ -525,6 +627,29 @@ at::Tensor lut8_linear(const at::Tensor& x_in, const at::Tensor& codes_in,
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* lp = lut.data_ptr<float>();
+  auto dequantize = [&](auto decoder, auto reader) {
+    return [&, decoder, reader](int64_t start, int64_t rows, float* w) {
+      dequantize_lut8_tile(cp + start * (K / D), decoder, reader.shifted(start * groups), K,
+                           group_size, rows, w);
+    };
+  };
+#ifdef __AVX2__
+  std::optional<QuadrantTable> quadrant;
+  if (D == 2 && M < LARGE_M && group_size % 16 == 0) quadrant = quadrant_table(lp);
+  if (quadrant) {
+    Int8X int8 = int8_x(x, quadrant->inverse, 0);
+    Lut4Inputs in{xp, &int8.rows, nullptr, K};
+    with_scales(scales, [&](auto reader) {
+      auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {
+        constexpr int R = decltype(rows)::value;
+        quadrant_pair_dots<R>(in, m, cp + o * (K / 2), *quadrant, lp, reader.shifted(o * groups),
+                              group_size, out);
+      };
+      run_linear(x, y, b, dots, dequantize(PairTable{lp}, reader));
+    });
+    return y.reshape(output_shape(x_in, N));
+  }
+#endif
   auto run = [&](auto decoder, auto reader) {
     run_linear(
         x, y, b,
@@ -533,10 +658,7 @@ at::Tensor lut8_linear(const at::Tensor& x_in, const at::Tensor& codes_in,
           lut8_dots<R>(xp + m * K, cp + o * (K / D), decoder, reader.shifted(o * groups), K,
                        group_size, dots);
         },
-        [&](int64_t start, int64_t rows, float* w) {
-          dequantize_lut8_tile(cp + start * (K / D), decoder, reader.shifted(start * groups), K,
-                               group_size, rows, w);
-        });
+        dequantize(decoder, reader));
   };
   with_scales(scales, [&](auto reader) {
     if (D == 2)
