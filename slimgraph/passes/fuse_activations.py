@@ -39,6 +39,7 @@ ACTIVATIONS: dict[str, tuple[torch._ops.OpOverload, dict[str, Any]]] = {
     "silu": (aten.silu.default, {}),
     "mish": (aten.mish.default, {}),
 }
+FUSED_OPS = {op for op, _ in ACTIVATIONS.values()}
 # Where the activations above differ from each other and from look-alikes (QuickGELU's
 # x·σ(1.702x) is off GELU by 2e-2 at x = -1.7; tanh-GELU off erf-GELU by 2e-4 at x = 2.6).
 SAMPLE = torch.tensor([-6.0, -3.1, -1.7, -0.8, -0.3, -0.05, 0.0, 0.07, 0.45, 1.2, 2.6, 5.5],
@@ -126,7 +127,7 @@ def _evaluate(node: fx.Node, source: fx.Node, values: dict[fx.Node, torch.Tensor
 
 def _matching_activation(node: fx.Node, source: fx.Node, value: torch.Tensor,
                          references: dict[str, torch.Tensor]) -> str | None:
-    if node.target in {op for op, _ in ACTIVATIONS.values()}:
+    if node.target in FUSED_OPS:
         return None  # already the one op
     source_value, node_out = node_value(source), node_value(node)
     if not (isinstance(source_value, torch.Tensor) and isinstance(node_out, torch.Tensor)
