@@ -65,8 +65,9 @@ import torch
 
 DISABLE_ENV = "SLIMGRAPH_NO_NATIVE"  # csrc/ops.cpp reads it too
 CSRC = Path(__file__).parent / "csrc"
-# common.h (scale readers, threading drivers) + one file per kernel family + the Python module.
-SOURCES = ("int8_linear.cpp", "lut_linear.cpp", "hadamard.cpp", "ops.cpp", "module.cpp")
+# common.h (scale readers, threading drivers), one file per kernel family, ops.cpp (dispatcher
+# registration) and module.cpp (the Python module), compiled as one unit: extension.cpp.
+SOURCES = ("extension.cpp",)
 # F16C widens float16 scales in one instruction; every x86 CPU with AVX2 has it.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
