@@ -251,7 +251,7 @@ def test_file_is_plain_safetensors_with_json_metadata(saved_mlp):
     with safe_open(path, framework="pt") as file:
         meta, names = file.metadata(), set(file.keys())  # noqa: SIM118
     assert names == set(gm.state_dict())
-    assert meta["format"] == "slimgraph.graph" and meta["format_version"] == "2"
+    assert meta["format"] == "slimgraph.graph" and meta["format_version"] == "3"
     assert meta["slimgraph_version"] == slimgraph.__version__ and meta["torch_version"] == torch.__version__
     assert meta["pipeline"] == gm.report.pipeline
     assert json.loads(meta["formats"]) == {"net.0": "int8", "net.3": "int8"}
@@ -348,25 +348,26 @@ def test_tampered_json_is_detected(saved_mlp):
 
 def test_newer_format_version_asks_for_an_upgrade(saved_mlp):
     _, _, path = saved_mlp
-    forge(path, metadata={"format_version": "3", "slimgraph_version": "9.0.0"}, sign=False)
-    with pytest.raises(SerializationError, match=r"saved by slimgraph 9.0.0 with format v3; this slimgraph "
-                       rf"\({slimgraph.__version__}\) reads v2: upgrade slimgraph"):
+    forge(path, metadata={"format_version": "4", "slimgraph_version": "9.0.0"}, sign=False)
+    with pytest.raises(SerializationError, match=r"saved by slimgraph 9.0.0 with format v4; this slimgraph "
+                       rf"\({slimgraph.__version__}\) reads v3: upgrade slimgraph"):
         slimgraph.load(path)
 
 
-def test_version_1_files_load_unless_a_layer_indexes_the_retired_pair_grid(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_files_load_unless_a_layer_indexes_a_retired_pair_grid(tmp_path, version):
     model, args = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), (torch.randn(2, 64),)
     for options, loads in [("bits=4, p=1", True), ("bits=3, p=2", True), ("bits=4, p=2", False)]:
         gm = slimgraph.optimize(model, f"quantize(format=higgs, {options}, group_size=64)", args)
         assert torch.ops.slimgraph.linear_higgs.default in [n.target for n in gm.graph.nodes]
         path = slimgraph.save(gm, tmp_path / "higgs.safetensors")
-        forge(path, metadata={"format_version": "1"})
+        forge(path, metadata={"format_version": str(version)})
         if loads:
             torch.testing.assert_close(slimgraph.load(path)(*args), gm(*args), rtol=0, atol=0)
             continue
-        with pytest.raises(SerializationError, match=r"node '.*' is a 4-bit HIGGS layer with p=2 from a format v1 "
-                           r"file: its codes index the 2-D grid that format v2 replaced.*quantize and save the "
-                           r"model again"):
+        with pytest.raises(SerializationError, match=rf"node '.*' is a 4-bit HIGGS layer with p=2 from a format "
+                           rf"v{version} file: its codes index a 2-D grid that format v3 replaced; quantize and "
+                           r"save the model again"):
             slimgraph.load(path)
 
 

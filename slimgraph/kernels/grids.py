@@ -18,10 +18,13 @@ regenerates it) because k-means on 2^20 samples takes minutes.
 The 4-bit 2-D grid is symmetric under sign flips, as the Gaussian is: a quarter of its
 points lie in the positive quadrant, and code ``c = j + 64 · (s₀ + 2·s₁)`` stands for
 ``((-1)^s₀ · Q[j, 0], (-1)^s₁ · Q[j, 1])``, so bit 6 is the first sign, bit 7 the second
-and ``c & 63`` indexes 64 magnitudes. The native batch-1 kernel reads those with byte
-shuffles, where 256 unrelated points had to be loaded one at a time. The constraint costs
-0.7% of MSE (0.00785 against 0.00779 for unconstrained k-means). The 2- and 3-bit grids,
-which have no kernel of their own, stay unconstrained: there it would cost 9% and 2%.
+and ``c & 63`` indexes 64 magnitudes. Those share their first coordinate in pairs,
+``Q[j, 0] == Q[j & 31, 0]``, so the first coordinate has 32 magnitudes. The native batch-1
+kernel reads them with byte shuffles (two for the first coordinate, four for the second),
+where 256 unrelated points had to be loaded one at a time. The constraints cost 1.4% of
+MSE (0.00790 against 0.00779 for unconstrained k-means; 0.00785 with the signs alone).
+The 2- and 3-bit grids, which have no kernel of their own, stay unconstrained: the signs
+alone would cost 9% and 2% there.
 """
 
 from __future__ import annotations
@@ -96,14 +99,19 @@ def compute_vector_grid_2d(
     iterations: int = 250,
     seed: int = 0,
     sign_symmetric: bool | None = None,
+    shared_first: bool | None = None,
 ) -> torch.Tensor:
     """k-means (Lloyd) on a seeded N(0, I₂) sample, started from the product Lloyd–Max grid.
 
     ``sign_symmetric`` (default: at 4 bits only) fits a quarter of the points to the
     sample folded into the positive quadrant (``|x|``) and mirrors them into the code
-    layout of the module docstring. The product grid is a saddle point, so the first
-    iterations move slowly; 250 iterations on 2^20 points reach ~0.00785 per coordinate
-    at 4 bits (~0.00779 unconstrained).
+    layout of the module docstring. ``shared_first`` (default: with ``sign_symmetric``
+    at 4 bits) then pairs the quadrant's points by their first coordinate (neighbours
+    in sorted order; point ``j`` with ``j + n/8``) and runs ``iterations // 2`` more steps
+    in which each pair keeps one first coordinate, the mean over both cells. The product
+    grid is a saddle point, so the first iterations move slowly; on 2^20 points the
+    4-bit grid reaches ~0.00790 per coordinate (0.00785 with the signs alone, ~0.00779
+    unconstrained).
 
         >>> compute_vector_grid_2d(2, num_samples=1 << 18, iterations=150)  # ~0.1077 MSE
     """
@@ -114,6 +122,14 @@ def compute_vector_grid_2d(
         )
     if sign_symmetric is None:
         sign_symmetric = bits_per_coordinate == 4
+    if shared_first is None:
+        shared_first = sign_symmetric and bits_per_coordinate == 4
+    if shared_first and not (sign_symmetric and bits_per_coordinate >= 2):
+        raise ValueError(
+            "shared_first pairs the positive quadrant's points, so it needs "
+            f"sign_symmetric=True and at least 2 bits; got {bits_per_coordinate} bits, "
+            f"sign_symmetric={sign_symmetric}"
+        )
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(num_samples, 2, generator=generator)
     levels = lloyd_max_grid(bits_per_coordinate).float()
@@ -122,7 +138,13 @@ def compute_vector_grid_2d(
     centers = torch.cartesian_prod(levels, levels)
     for _ in range(iterations):
         centers = _kmeans_step(sample, centers)
-    return mirror_quadrant(_sorted_points(centers)) if sign_symmetric else _sorted_points(centers)
+    centers = _sorted_points(centers)
+    if shared_first:
+        centers = _pairs_by_first(centers)
+        for _ in range(iterations // 2):
+            centers = _kmeans_step(sample, centers, shared_first=True)
+        centers = _pairs_by_first(centers)
+    return mirror_quadrant(centers) if sign_symmetric else centers
 
 
 def mirror_quadrant(quadrant: torch.Tensor) -> torch.Tensor:
@@ -264,15 +286,34 @@ def _vector_grid_2d(bits_per_coordinate: int) -> torch.Tensor:
     return compute_vector_grid_2d(bits_per_coordinate)
 
 
-def _kmeans_step(sample: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """One Lloyd step: assign to the nearest center, move each center to its cell mean."""
+def _kmeans_step(
+    sample: torch.Tensor, centers: torch.Tensor, *, shared_first: bool = False
+) -> torch.Tensor:
+    """One Lloyd step: assign to the nearest center, move each center to its cell mean.
+
+    With ``shared_first``, centers ``j`` and ``j + n/2`` share one first coordinate,
+    the mean over both cells (the MSE-optimal value for the assignment).
+    """
     assignment = _nearest_points(sample, centers)
     count = torch.bincount(assignment, minlength=len(centers)).double()
+    count = count[:, None].repeat(1, 2)  # per coordinate
     total = torch.zeros(centers.shape, dtype=torch.float64).index_add_(
         0, assignment, sample.double()
     )
-    means = (total / count.clamp_min(1)[:, None]).float()
-    return torch.where(count[:, None] > 0, means, centers)  # an empty cell keeps its center
+    if shared_first:
+        half = len(centers) // 2
+        for column in (count[:, 0], total[:, 0]):
+            column.copy_((column[:half] + column[half:]).repeat(2))
+    means = (total / count.clamp_min(1)).float()
+    return torch.where(count > 0, means, centers)  # an empty cell keeps its center
+
+
+def _pairs_by_first(points: torch.Tensor) -> torch.Tensor:
+    """Points sorted by x → point ``j`` and ``j + n/2`` neighbours in x, each pair by y."""
+    points = _sorted_points(points)
+    pairs = points.reshape(-1, 2, 2)  # [n/2 pairs, 2 points, xy]
+    pairs = pairs.gather(1, pairs[:, :, 1].argsort(1)[:, :, None].expand(-1, -1, 2))
+    return pairs.transpose(0, 1).reshape(-1, 2).contiguous()
 
 
 def _nearest_points(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

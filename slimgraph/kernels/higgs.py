@@ -31,14 +31,16 @@ Storage, counted exactly in ``bits_per_weight``:
 So ``bits_per_weight = bits + 16/group_size + 8·group_size/(out·in)``. The grids
 themselves are constants of ``(bits, p)``, like the NF4 code, and not stored.
 
-``p=1`` is the default. ``p=2`` costs the same bits and cuts the error by about 17%
+``p=1`` is the default. ``p=2`` costs the same bits and cuts the error by about 16%
 (4-bit relative MSE ≈0.0078 against ≈0.0093 on Gaussian weights at group 128), but
 packing is ~8x slower (nearest of 256 points per pair: 33 s against 4 s for a
-4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.9x slower than the 4-bit one
-(199 against 105 µs for 2048², 2 threads): its 4-bit grid is sign-symmetric, so the
-kernel reads 64 magnitudes per coordinate with byte shuffles (four tables and three
-blends each), twice the 4-bit kernel's one shuffle per 32 codes. That symmetry cost 0.7% of MSE
-and, on MiniLM, 0.003 of RTN cosine (0.970 → 0.967) and 0.0002 with GPTQ. Pick p=2
+4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.4x slower than the 4-bit one
+(144 against 103 µs for 2048², 2 threads). Its 4-bit grid is sign-symmetric and its
+64 magnitudes share their first coordinate in pairs, so the kernel reads them with byte
+shuffles (two tables and a blend for the first coordinate, four and three blends for the
+second) where the 4-bit kernel needs one shuffle per 32 codes. That layout costs 1.4% of
+MSE against unconstrained k-means (0.00790 against 0.00779 on N(0, I₂)); on MiniLM the
+RTN cosine is 0.969 (0.970 unconstrained) and 0.990 with GPTQ. Pick p=2
 when quality matters more.
 
 GPTQ (``method=gptq``, :mod:`slimgraph.kernels.gptq`) works at every bit width for
@@ -47,7 +49,7 @@ rotated by the same signs, and packs the same three buffers, so the op and
 ``dequantize`` are unchanged. For ``p=2`` it rounds each pair of adjacent columns to
 the nearest 2-D point and spreads both errors over the columns not yet rounded
 (vector GPTQ). MiniLM, 4 bits, group 128, mean sentence-embedding cosine to fp32
-(``benchmarks/quant_quality.py``): p=1 0.961 RTN, 0.988 GPTQ; p=2 0.967 RTN, 0.990
+(``benchmarks/quant_quality.py``): p=1 0.961 RTN, 0.988 GPTQ; p=2 0.969 RTN, 0.990
 GPTQ. Rounding each pair to the nearest point in the metric of its 2×2 block of the
 inverse Hessian (GPTVQ's assignment) measured no better (left to right: 0.9902 against
 0.9904), so the pair goes to its plain nearest point.

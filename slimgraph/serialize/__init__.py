@@ -11,9 +11,10 @@ The file is a plain safetensors file: every parameter, buffer and tensor constan
 a tensor keyed by its qualified name (``h_0_attn_c_attn_int4_0.qweight``); the
 safetensors metadata (str → str) holds:
 
-- ``format`` (``slimgraph.graph``), ``format_version`` (``2``), ``slimgraph_version``,
-  ``torch_version``: what wrote the file. v2 changed one meaning: HIGGS 4-bit p=2 codes
-  index the sign-symmetric grid, so ``load`` refuses such layers in v1 files;
+- ``format`` (``slimgraph.graph``), ``format_version`` (``3``), ``slimgraph_version``,
+  ``torch_version``: what wrote the file. v2 and v3 each changed one meaning: the grid
+  that HIGGS 4-bit p=2 codes index (sign-symmetric, then with shared first coordinates
+  too), so ``load`` refuses such layers in v1 and v2 files;
 - ``pipeline``: the pipeline text of ``model.report`` (``""`` when there is none);
   ``report``: JSON, one ``{"pass", "status", "notes", "reason"}`` per pass;
   ``formats``: JSON, the weight format of each rewritten layer (``{"h.0.attn.c_attn": "int4"}``);
@@ -61,7 +62,7 @@ from slimgraph.serialize.encode import encode_graph
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SerializationError", "TorchVersionWarning", "load", "save"]
 
 FORMAT_NAME = "slimgraph.graph"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _REQUIRED_METADATA = ("format_version", "slimgraph_version", "torch_version", "pipeline", "report", "formats",
                       "graph", "sha256")
 

@@ -302,13 +302,14 @@ class _Loader:
 def retired_encoding(target: Any, args: list, kwargs: dict, version: int) -> str | None:
     """Why a node from a file of format ``version`` would compute something else today, or ``None``.
 
-    v2: HIGGS 4-bit p=2 codes index the sign-symmetric 2-D grid (``kernels/grids.py``); a v1
-    file's codes index the unconstrained grid before it, which is not shipped any more.
+    v3: HIGGS 4-bit p=2 codes index the sign-symmetric 2-D grid whose magnitudes share their
+    first coordinate in pairs (``kernels/grids.py``). v1 and v2 files' codes index the grids
+    before it (unconstrained; sign-symmetric only), which are not shipped any more.
     """
-    if version >= 2 or target is not torch.ops.slimgraph.linear_higgs.default:
+    if version >= 3 or target is not torch.ops.slimgraph.linear_higgs.default:
         return None
     bound = dict(zip([a.name for a in target._schema.arguments], args, strict=False)) | kwargs
     if (bound.get("bits"), bound.get("p")) != (4, 2):
         return None
-    return ("is a 4-bit HIGGS layer with p=2 from a format v1 file: its codes index the 2-D grid that "
-            "format v2 replaced by a sign-symmetric one; quantize and save the model again")
+    return (f"is a 4-bit HIGGS layer with p=2 from a format v{version} file: its codes index a 2-D grid "
+            "that format v3 replaced; quantize and save the model again")

@@ -103,8 +103,8 @@ def test_vector_grid_mse_per_coordinate_matches_references(bits):
     x = _held_out_gaussian(1 << 21, dims=2)
     mse_per_coordinate = (x - grid[nearest(x, grid)]).pow(2).mean().item()
     # Held-out Monte Carlo error is ~0.1%; k-means from the product grid stops within 0.5%;
-    # the 4-bit grid's sign symmetry costs 0.7% more (measured 0.00785 against 0.00779).
-    allowed = 1.02 if bits == 4 else 1.01
+    # the 4-bit grid's kernel layout costs 1.4% more (measured 0.00790 against 0.00779).
+    allowed = 1.025 if bits == 4 else 1.01
     assert VECTOR_GRID_MSE[bits] * 0.99 < mse_per_coordinate < VECTOR_GRID_MSE[bits] * allowed
     assert mse_per_coordinate < LLOYD_MAX[bits][1]  # strictly better than the product grid
 
@@ -116,10 +116,12 @@ def test_vector_grid_4_bits_is_within_stated_tolerance():
 
 
 def test_vector_grid_4_bits_is_sign_symmetric_in_the_kernels_layout():
-    """Code c is (±Q[c & 63, 0], ±Q[c & 63, 1]) with bit 6 the first sign and bit 7 the second."""
+    """Code c is (±Q[c & 63, 0], ±Q[c & 63, 1]) with bit 6 the first sign and bit 7 the second,
+    and magnitudes j and j + 32 share their first coordinate (32 distinct, sorted)."""
     grid = vector_grid_2d(4)
     quadrant = grid[:64]
     assert (quadrant > 0).all()
+    assert torch.equal(quadrant[32:, 0], quadrant[:32, 0]) and (quadrant[1:32, 0] > quadrant[:31, 0]).all()
     codes = torch.arange(256)
     signs = torch.stack([1 - 2 * ((codes >> 6) & 1), 1 - 2 * ((codes >> 7) & 1)], dim=1).float()
     assert torch.equal(grid, signs * quadrant[codes & 63])
@@ -129,6 +131,19 @@ def test_vector_grid_4_bits_is_sign_symmetric_in_the_kernels_layout():
 def test_compute_vector_grid_2d_sign_symmetric_on_request():
     grid = compute_vector_grid_2d(2, num_samples=1 << 14, iterations=10, sign_symmetric=True)
     assert torch.equal(mirror_quadrant(grid[:4]), grid) and (grid[:4] > 0).all()
+    assert grid[0, 0] != grid[2, 0]  # first coordinates shared only on request (or at 4 bits)
+
+
+def test_compute_vector_grid_2d_shared_first_pairs_the_quadrant():
+    grid = compute_vector_grid_2d(2, num_samples=1 << 14, iterations=10, sign_symmetric=True, shared_first=True)
+    assert torch.equal(mirror_quadrant(grid[:4]), grid)
+    assert torch.equal(grid[2:4, 0], grid[:2, 0]) and (grid[2:4, 1] > grid[:2, 1]).all()
+
+
+def test_compute_vector_grid_2d_shared_first_needs_the_quadrant():
+    with pytest.raises(ValueError, match=r"shared_first pairs the positive quadrant's points, so it needs "
+                       r"sign_symmetric=True and at least 2 bits; got 3 bits, sign_symmetric=False"):
+        compute_vector_grid_2d(3, iterations=1, sign_symmetric=False, shared_first=True)
 
 
 def test_compute_vector_grid_2d_runs_kmeans_from_scratch():

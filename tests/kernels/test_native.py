@@ -356,18 +356,22 @@ def test_lut8_random_shapes(kernels, batch_shape, width, group_size, groups, out
     torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
-def random_quadrant_lut(seed):
-    """A sign-symmetric ``[256, 2]`` pair grid in HIGGS p=2's layout (``grids.mirror_quadrant``)."""
-    return mirror_quadrant(torch.rand(64, 2, generator=torch.Generator().manual_seed(seed)) * 3 + 0.05)
+def random_quadrant_lut(seed, shared_first=False):
+    """A sign-symmetric ``[256, 2]`` pair grid in HIGGS p=2's layout (``grids.mirror_quadrant``);
+    ``shared_first``: magnitudes ``j`` and ``j + 32`` share their first coordinate, as shipped."""
+    quadrant = torch.rand(64, 2, generator=torch.Generator().manual_seed(seed)) * 3 + 0.05
+    if shared_first:
+        quadrant[32:, 0] = quadrant[:32, 0]
+    return mirror_quadrant(quadrant)
 
 
 def assert_quadrant_pairs_within_bound(kernels, batch_shape, out_features, group_size, groups,
-                                       scale_dtype, with_bias, seed):
+                                       scale_dtype, with_bias, seed, shared_first):
     """Pairs on a sign-symmetric grid run in int8 below 16 rows (x per 32 columns, magnitudes
     to max / 127), as 4-bit codes do; the tiled path and float tails stay within it too."""
     in_features = group_size * groups
     codes, _, scales = random_lut8(out_features, in_features, 2, group_size, scale_dtype, seed)
-    lut = random_quadrant_lut(seed)
+    lut = random_quadrant_lut(seed, shared_first)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*batch_shape, in_features, generator=gen)
     bias = torch.randn(out_features, generator=gen) if with_bias else None
@@ -379,18 +383,21 @@ def assert_quadrant_pairs_within_bound(kernels, batch_shape, out_features, group
 @pytest.mark.parametrize("batch_shape", FIXED_BATCH_SHAPES)
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 @pytest.mark.parametrize(("group_size", "groups"), [(16, 5), (32, 5), (128, 3)])  # 80, 160: float tails
-def test_lut8_sign_symmetric_pairs_match_reference(kernels, batch_shape, scale_dtype, group_size, groups):
-    assert_quadrant_pairs_within_bound(kernels, batch_shape, 37, group_size, groups, scale_dtype, True, 5)
+@pytest.mark.parametrize("shared_first", [False, True])
+def test_lut8_sign_symmetric_pairs_match_reference(kernels, batch_shape, scale_dtype, group_size, groups,
+                                                   shared_first):
+    assert_quadrant_pairs_within_bound(kernels, batch_shape, 37, group_size, groups, scale_dtype, True, 5,
+                                       shared_first)
 
 
 @settings(max_examples=20, deadline=None)
 @given(batch_shape=BATCH_SHAPES, group_size=st.sampled_from([16, 32, 48, 64, 128]), groups=st.integers(1, 4),
        out_features=st.integers(1, 40), scale_dtype=st.sampled_from(SCALE_DTYPES), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16))
+       seed=st.integers(0, 2**16), shared_first=st.booleans())
 def test_lut8_sign_symmetric_pairs_random_shapes(kernels, batch_shape, group_size, groups, out_features,
-                                                 scale_dtype, with_bias, seed):
+                                                 scale_dtype, with_bias, seed, shared_first):
     assert_quadrant_pairs_within_bound(kernels, batch_shape, out_features, group_size, groups, scale_dtype,
-                                       with_bias, seed)
+                                       with_bias, seed, shared_first)
 
 
 def test_lut8_pairs_off_the_symmetric_layout_stay_exact(kernels):

@@ -383,25 +383,30 @@ bool is_e4m3_table(const float* lut) {
 // (±A[c & 63], ±B[c & 63]), bit 6 the first sign and bit 7 the second. So 64 magnitudes
 // per coordinate, four 16-entry vpshufb tables blended by bits 4 and 5, replace 256
 // unrelated pairs loaded one at a time (PairTable), and the signs go onto x (vpsignb).
-// The rest is the 4-bit kernel's: x in int8 per 32 columns, laid out per 64-column block
-// as its even then its odd columns, which are the pairs' first and second entries, and
-// vpmaddubsw products (magnitudes at most 127, so no pair of products reaches 2^15).
+// The shipped grid also has A[j] == A[j & 31]: two tables and one blend for the first
+// coordinate, 17% fewer instructions a block. The rest is the 4-bit kernel's: x in int8
+// per 32 columns, laid out per 64-column block as its even then its odd columns, which
+// are the pairs' first and second entries, and vpmaddubsw products (magnitudes at most
+// 127, so no pair of products reaches 2^15).
 #ifdef __AVX2__
 struct QuadrantTable {
   __m256i first[4], second[4];  // round(|A| * t), round(|B| * t): 16 codes each, both lanes
   float inverse;                // 1 / t, folded into the x scales
+  bool shared_first;            // A[j] == A[j & 31]: first[2..3] repeat first[0..1]
 };
 
 // The tables of a [256, 2] pair grid, t = 127 / max magnitude; nullopt unless the grid is
 // sign-symmetric in the layout above.
 std::optional<QuadrantTable> quadrant_table(const float* lut) {
   float largest = 0.f;
+  bool shared_first = true;
   for (int c = 0; c < 256; ++c) {
     float a = lut[2 * (c & 63)], b = lut[2 * (c & 63) + 1];
     if (!(a >= 0.f && b >= 0.f) || lut[2 * c] != ((c & 64) ? -a : a) ||
         lut[2 * c + 1] != ((c & 128) ? -b : b))
       return std::nullopt;
     largest = std::max({largest, a, b});
+    shared_first = shared_first && a == lut[2 * (c & 31)];
   }
   float t = largest > 0.f ? X8_LEVELS / largest : 1.f;
   alignas(32) uint8_t bytes[2][4][32];
@@ -415,10 +420,12 @@ std::optional<QuadrantTable> quadrant_table(const float* lut) {
     table.second[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[1][q]));
   }
   table.inverse = 1.f / t;
+  table.shared_first = shared_first;
   return table;
 }
 
 // Block sums of pair codes, one per byte (see NibbleBlocks).
+template <bool SharedFirst>
 struct QuadrantPairBlocks {
   const uint8_t* codes;
   const QuadrantTable* table;
@@ -427,20 +434,22 @@ struct QuadrantPairBlocks {
   void sums(const Int8Rows& x, int64_t p, __m256i* out) const {
     __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * p));
     __m256i index = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
-    // vpblendvb reads each byte's top bit; 16-bit shifts move bit 4, 5 or 6 of every byte
-    // there. Sign bytes are made odd, never 0, which vpsignb would turn into a 0.
+    // vpblendvb reads each byte's top bit; 16-bit shifts move bit 4 or 5 of every byte
+    // there.
     __m256i bit4 = _mm256_slli_epi16(bytes, 3), bit5 = _mm256_slli_epi16(bytes, 2);
-    auto lookup = [&](const __m256i* quarters) {
-      __m256i low = _mm256_blendv_epi8(_mm256_shuffle_epi8(quarters[0], index),
-                                       _mm256_shuffle_epi8(quarters[1], index), bit4);
-      __m256i high = _mm256_blendv_epi8(_mm256_shuffle_epi8(quarters[2], index),
-                                        _mm256_shuffle_epi8(quarters[3], index), bit4);
-      return _mm256_blendv_epi8(low, high, bit5);
+    auto lookup32 = [&](const __m256i* quarters) {
+      return _mm256_blendv_epi8(_mm256_shuffle_epi8(quarters[0], index),
+                                _mm256_shuffle_epi8(quarters[1], index), bit4);
     };
-    __m256i first = lookup(table->first), second = lookup(table->second);
-    const __m256i odd = _mm256_set1_epi8(1);
-    __m256i first_signs = _mm256_or_si256(_mm256_slli_epi16(bytes, 1), odd);
-    __m256i second_signs = _mm256_or_si256(bytes, odd);
+    auto lookup64 = [&](const __m256i* quarters) {
+      return _mm256_blendv_epi8(lookup32(quarters), lookup32(quarters + 2), bit5);
+    };
+    __m256i first = SharedFirst ? lookup32(table->first) : lookup64(table->first);
+    __m256i second = lookup64(table->second);
+    // Sign bytes are made odd, never 0, which vpsignb would turn into a 0; the 16-bit
+    // shift then moves bit 6 to the top of each byte and keeps it nonzero (bit 1 set).
+    __m256i second_signs = _mm256_or_si256(bytes, _mm256_set1_epi8(1));
+    __m256i first_signs = _mm256_slli_epi16(second_signs, 1);
     for (int r = 0; r < R; ++r)
       out[r] = signed_products(first, load_block(x.block(r, p)), first_signs, second,
                                load_block(x.block(r, p) + 32), second_signs);
@@ -484,12 +493,13 @@ void lut8_dots(const float* x, const uint8_t* codes, Decoder decoder, Scales sca
 #ifdef __AVX2__
 // dots[r] for pair codes on a sign-symmetric grid: whole 64-column blocks in int8, the
 // columns past them in float.
-template <int R, typename Scales>
+template <int R, bool SharedFirst, typename Scales>
 void quadrant_pair_dots(const Lut4Inputs& in, int64_t m, const uint8_t* codes,
                         const QuadrantTable& table, const float* lut, Scales scales,
                         int64_t group, float* dots) {
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
-  dots_int8<R>(in, m, QuadrantPairBlocks{codes, &table}, scales, NoZeros{}, group, dots);
+  dots_int8<R>(in, m, QuadrantPairBlocks<SharedFirst>{codes, &table}, scales, NoZeros{}, group,
+               dots);
   PairTable pairs{lut};
   for (int64_t k = in.int8_rows->blocks * 64; k < in.K; ++k) {
     float w = pairs.value(codes, k) * scales[k / group];
@@ -639,14 +649,20 @@ at::Tensor lut8_linear(const at::Tensor& x_in, const at::Tensor& codes_in,
   if (quadrant) {
     Int8X int8 = int8_x(x, quadrant->inverse, 0);
     Lut4Inputs in{xp, &int8.rows, nullptr, K};
-    with_scales(scales, [&](auto reader) {
-      auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {
-        constexpr int R = decltype(rows)::value;
-        quadrant_pair_dots<R>(in, m, cp + o * (K / 2), *quadrant, lp, reader.shifted(o * groups),
-                              group_size, out);
-      };
-      run_linear(x, y, b, dots, dequantize(PairTable{lp}, reader));
-    });
+    auto run_quadrant = [&](auto shared_first) {
+      with_scales(scales, [&](auto reader) {
+        auto dots = [&](auto rows, int64_t m, int64_t o, float* out) {
+          constexpr int R = decltype(rows)::value;
+          quadrant_pair_dots<R, decltype(shared_first)::value>(
+              in, m, cp + o * (K / 2), *quadrant, lp, reader.shifted(o * groups), group_size, out);
+        };
+        run_linear(x, y, b, dots, dequantize(PairTable{lp}, reader));
+      });
+    };
+    if (quadrant->shared_first)
+      run_quadrant(std::true_type{});
+    else
+      run_quadrant(std::false_type{});
     return y.reshape(output_shape(x_in, N));
   }
 #endif
