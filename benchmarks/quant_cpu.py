@@ -178,8 +178,8 @@ def interleaved_medians(variants: dict[str, tuple[nn.Module, torch.Tensor]], run
     timed is the model in steady state (as in a decode loop): an fp32 GEMV run just before
     a 4-bit model slowed the 4-bit call by up to 1.5x (thread pool and cache state), which
     says nothing about either. Rounds still spread drift over all variants alike. Everything
-    runs under ``torch.inference_mode()``, as a deployed model should: under ``no_grad``
-    each custom-op call also passes torch's Python autograd wrapper (~15 µs).
+    runs under ``torch.inference_mode()``, as a deployed model should (``no_grad`` costs the
+    same since the ops' AutogradCPU kernel is C++).
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():

@@ -7,7 +7,15 @@
 // the dispatcher's stack and takes the native path for float32 x; everything else
 // (other dtypes, formats without a kernel of their own, SLIMGRAPH_NO_NATIVE=1 set
 // after loading) goes to the op's Python body, so an op behaves as its body does.
+//
+// custom_op's autograd kernel is Python too: under torch.no_grad() (not inference_mode)
+// every call passed through it, ~10 µs. The ops have no derivative, so their AutogradCPU
+// kernel is torch's C++ not-implemented fallback: with nothing requiring grad it goes
+// straight on to the CPU kernel; otherwise the output's grad_fn raises on backward, as
+// custom_op's did. A runtime key's own kernel takes precedence over the Autograd alias
+// key custom_op registered, so other devices keep custom_op's.
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -135,5 +143,8 @@ void register_cpu_op(const std::string& name, py::function body, std::vector<at:
   if (known) return;
   static auto* library = new torch::Library(torch::Library::IMPL, "slimgraph",
                                             c10::DispatchKey::CPU, __FILE__, __LINE__);
+  static auto* autograd = new torch::Library(torch::Library::IMPL, "slimgraph",
+                                             c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
   library->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&run_cpu_op>());
+  autograd->impl(name.c_str(), torch::autograd::autogradNotImplementedFallback());
 }
