@@ -140,7 +140,7 @@ def decode_e8m0(exponents: torch.Tensor) -> torch.Tensor:
 
 def round_to_e2m1(values: torch.Tensor) -> torch.Tensor:
     """Codes (uint8, sign in bit 3) of the nearest e2m1 values, ties to the even code, saturating at ±6."""
-    magnitudes = values.abs().clamp(max=E2M1_MAX)
+    magnitudes = values.abs().clamp(max=E2M1_MAX).contiguous()  # bucketize copies (and warns) otherwise
     midpoints = (E2M1_MAGNITUDES[1:] + E2M1_MAGNITUDES[:-1]).to(values.device) / 2
     below = torch.bucketize(magnitudes, midpoints)  # a tie goes to the smaller magnitude...
     above = torch.bucketize(magnitudes, midpoints, right=True)  # ...or to the larger one

@@ -59,7 +59,8 @@ def nf4_absmax(blocks: torch.Tensor) -> torch.Tensor:
 
 def encode_nf4(values: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """uint8 codes of the nearest NF4 values of ``values / absmax`` (``absmax`` broadcasts against ``values``)."""
-    return torch.bucketize(values / absmax, NF4_MIDPOINTS.to(values.device)).to(torch.uint8)
+    normalized = (values / absmax).contiguous()  # bucketize copies (and warns) otherwise
+    return torch.bucketize(normalized, NF4_MIDPOINTS.to(values.device)).to(torch.uint8)
 
 
 def decode_nf4(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
