@@ -165,7 +165,10 @@ def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
     1-D ``grid [K]`` (sorted): ``values [...]`` → ``[...]`` by bucketize on midpoints.
     2-D ``grid [K, 2]``: ``values [..., 2]`` → ``[...]`` by argmin over chunks of rows,
-    so memory stays bounded at ``2**16 × K`` distances::
+    so memory stays bounded at ``2**16 × K`` distances. A sign-symmetric grid in
+    :func:`mirror_quadrant`'s layout is searched folded: a value's nearest point lies in
+    its own quadrant, so ``|value|`` meets only the ``K/4`` positive points and the signs
+    become the code's top bits (4x fewer distances, the same codes)::
 
         >>> nearest(torch.tensor([-2.0, 0.1]), lloyd_max_grid(1).float())
         tensor([0, 1])
@@ -178,7 +181,14 @@ def nearest(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
             f"nearest needs a grid of shape [K] or [K, d] with values [..., d]; "
             f"got grid {tuple(grid.shape)} and values {tuple(values.shape)}"
         )
-    return _nearest_points(values, grid.to(values.dtype))
+    grid = grid.to(values.dtype)
+    quadrant = grid[: len(grid) // 4]
+    if len(grid) % 4 or (quadrant < 0).any() or not torch.equal(mirror_quadrant(quadrant), grid):
+        return _nearest_points(values, grid)
+    negative = (values < 0).long()
+    # |v − (±a, ±b)| ≥ |(|v₀| − a, |v₁| − b)|, with equality for v's own signs; float distances
+    # are the same products too, so ties break as in the unfolded search.
+    return _nearest_points(values.abs(), quadrant) + len(quadrant) * (negative[..., 0] + 2 * negative[..., 1])
 
 
 def quantize_groups(

@@ -33,8 +33,8 @@ themselves are constants of ``(bits, p)``, like the NF4 code, and not stored.
 
 ``p=1`` is the default. ``p=2`` costs the same bits and cuts the error by about 16%
 (4-bit relative MSE ≈0.0078 against ≈0.0093 on Gaussian weights at group 128), but
-packing is ~8x slower (nearest of 256 points per pair: 33 s against 4 s for a
-4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.4x slower than the 4-bit one
+packing is ~2x slower (nearest of the 64 positive points per folded pair: 2.5 s against
+1.3 s for a 4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.4x slower than the 4-bit one
 (144 against 103 µs for 2048², 2 threads). Its 4-bit grid is sign-symmetric and its
 64 magnitudes share their first coordinate in pairs, so the kernel reads them with byte
 shuffles (two tables and a blend for the first coordinate, four and three blends for the

@@ -91,6 +91,23 @@ def test_nearest_2d_matches_brute_force_across_chunks(monkeypatch):
     assert torch.equal(nearest(x, grid), expected)
 
 
+def test_nearest_2d_searches_a_sign_symmetric_grid_folded(monkeypatch):
+    """Only the 64 positive points are searched; every grid point is still its own nearest,
+    zeros (either sign) take the positive code, and each pick is at the minimum distance."""
+    searched = []
+    search = grids._nearest_points
+    monkeypatch.setattr(grids, "_nearest_points", lambda v, g: searched.append(len(g)) or search(v, g))
+    grid = vector_grid_2d(4)
+    zeros = torch.tensor([[0.0, 0.7], [-0.0, -1.2], [0.0, 0.0], [-2.0, -0.0]])
+    x = torch.cat([_held_out_gaussian(5000, dims=2) * 1.5, grid, zeros])
+    got = nearest(x, grid)
+    assert searched == [64]
+    assert torch.equal(got[5000:5256], torch.arange(256))
+    assert torch.equal(got[5256:] // 64, torch.tensor([0, 2, 0, 1]))  # sign bits: only the nonzero negatives
+    distances = torch.cdist(x.double(), grid.double())
+    torch.testing.assert_close(distances.gather(1, got[:, None])[:, 0], distances.min(1).values, rtol=0, atol=1e-6)
+
+
 def test_nearest_rejects_mismatched_dimensions():
     with pytest.raises(ValueError, match=r"grid \(16, 2\).*values \(10, 3\)"):
         nearest(torch.zeros(10, 3), torch.zeros(16, 2))
