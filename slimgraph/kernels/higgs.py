@@ -34,14 +34,14 @@ themselves are constants of ``(bits, p)``, like the NF4 code, and not stored.
 ``p=1`` is the default. ``p=2`` costs the same bits and cuts the error by about 16%
 (4-bit relative MSE ≈0.0078 against ≈0.0093 on Gaussian weights at group 128), but
 packing is ~2x slower (nearest of the 64 positive points per folded pair: 2.5 s against
-1.3 s for a 4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.4x slower than the 4-bit one
-(144 against 103 µs for 2048², 2 threads). Its 4-bit grid is sign-symmetric and its
-64 magnitudes share their first coordinate in pairs, so the kernel reads them with byte
-shuffles (two tables and a blend for the first coordinate, four and three blends for the
-second) where the 4-bit kernel needs one shuffle per 32 codes. That layout costs 1.4% of
-MSE against unconstrained k-means (0.00790 against 0.00779 on N(0, I₂)); on MiniLM the
-RTN cosine is 0.969 (0.970 unconstrained) and 0.990 with GPTQ. Pick p=2
-when quality matters more.
+1.3 s for a 4096×4096 weight on 2 cores) and its batch-1 GEMV ~1.3x slower than the
+4-bit one (120 against 90 µs for 2048² at group 128, 2 threads). Its 4-bit grid is
+sign-symmetric and its 64 magnitudes share their first coordinate in pairs, so the
+kernel reads them with byte shuffles (two tables and a blend for the first coordinate,
+four and three blends for the second) where the 4-bit kernel needs one shuffle per 32
+codes. That layout costs 1.4% of MSE against unconstrained k-means (0.00790 against
+0.00779 on N(0, I₂)); on MiniLM the RTN cosine is 0.969 (0.970 unconstrained) and 0.990
+with GPTQ. Pick p=2 when quality matters more.
 
 GPTQ (``method=gptq``, :mod:`slimgraph.kernels.gptq`) works at every bit width for
 both grids: it rounds ``W·R`` in the rotated basis the codes live in, with the Hessian
