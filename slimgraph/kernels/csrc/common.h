@@ -60,6 +60,13 @@ float horizontal_sum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01001110));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10110001));
+  return _mm_cvtsi128_si32(s);
+}
 #endif
 
 // ---- group scales: decoded where they are used ------------------------------
@@ -285,8 +292,11 @@ inline float chunk_scale(const float* chunk, float levels, float& inverse) {
   return finite ? largest / levels : std::numeric_limits<float>::quiet_NaN();
 }
 
+// rint, not lrint: GCC inlines rint (vroundss), while lrint stayed a libm call per value,
+// ~3 ns, a third of a 2048-column int8 row's conversion. Same result: codes are far
+// inside long's range, and both round to nearest even.
 inline long fixed_point_code(float value, float inverse) {
-  return inverse == 0.f ? 0 : std::lrint(value * inverse);
+  return inverse == 0.f ? 0 : static_cast<long>(std::rint(value * inverse));
 }
 
 // Rows of x in 16-bit fixed point, from some row on: plain values an inner loop keeps in registers.

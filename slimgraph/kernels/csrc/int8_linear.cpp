@@ -103,15 +103,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* scal
   }
 }
 
-#ifdef __AVX2__
-int32_t horizontal_sum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01001110));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10110001));
-  return _mm_cvtsi128_si32(s);
-}
-#endif
-
 // Longest row whose int32 sum cannot overflow: |xq * w| <= 127 * 128.
 constexpr int64_t MAX_EXACT_K = ((int64_t{1} << 31) - 1) / (127 * 128);
 

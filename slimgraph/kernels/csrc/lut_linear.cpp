@@ -95,10 +95,51 @@ struct Int8X {  // the tensors that own a call's int8 rows
   Int8Rows rows;
 };
 
+// One 32-column chunk of x in int8, rounded as fixed_point_code rounds (scale max|x| / 127;
+// all zeros and a NaN scale when an entry is not finite), vectorized: column by column it
+// took 3.7 ns a column, 30 µs of an 8192-column row. Its 16 even columns go to `even`,
+// its 16 odd ones to `odd`; half_sums, when given, gets the codes summed over each
+// 16-column half. Returns the scale.
+inline float int8_chunk(const float* chunk, int8_t* even, int8_t* odd, int32_t* half_sums) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4], largest = _mm256_setzero_ps(), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(chunk + 8 * i);
+    largest = _mm256_max_ps(largest, _mm256_and_ps(v[i], magnitude));
+    // v - v is 0 unless v is inf or NaN.
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(v[i], v[i]), _mm256_setzero_ps(), _CMP_EQ_OQ));
+  }
+  __m128 top = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+  float top_value = _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
+  if (_mm256_movemask_ps(finite) != 0xFF || top_value == 0.f) {
+    std::memset(even, 0, 16);
+    std::memset(odd, 0, 16);
+    if (half_sums) half_sums[0] = half_sums[1] = 0;
+    return top_value == 0.f && _mm256_movemask_ps(finite) == 0xFF ? 0.f : std::numeric_limits<float>::quiet_NaN();
+  }
+  __m256 inverse = _mm256_set1_ps(X8_LEVELS / top_value);
+  __m256i codes[4];
+  for (int i = 0; i < 4; ++i) codes[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // nearest even, as rint
+  if (half_sums) {
+    half_sums[0] = horizontal_sum_epi32(_mm256_add_epi32(codes[0], codes[1]));
+    half_sums[1] = horizontal_sum_epi32(_mm256_add_epi32(codes[2], codes[3]));
+  }
+  // Packing works per 128-bit lane: its dwords hold columns 0-3, 8-11, 16-19, 24-27, 4-7, ...
+  __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]), _mm256_packs_epi32(codes[2], codes[3]));
+  bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // column order
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, split), 0xD8);  // evens, then odds
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm256_castsi256_si128(bytes));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm256_extracti128_si256(bytes, 1));
+  return top_value / X8_LEVELS;
+}
+
 // Every scale is multiplied by `factor`, the table's 1 / t. With `group` > 0, group_sums
 // [M, K / group] holds x summed over each group as the kernel sees it (int8 values times
 // their scales, the float columns past the blocks as they are), so a zero point takes off
-// exactly what the products added.
+// what the products added.
 Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
   int64_t M = x.size(0), K = x.size(1), blocks = K / 64, groups = group > 0 ? K / group : 0;
   at::Tensor values = at::empty({M, blocks * 64}, x.options().dtype(at::kChar));
@@ -110,23 +151,12 @@ Int8X int8_x(const at::Tensor& x, float factor, int64_t group) {
   float* sums = groups ? group_sums.data_ptr<float>() : nullptr;
   for (int64_t c = 0; c < M * blocks * 2; ++c) {  // chunk c: half c % 2 of block c / 2
     int64_t row = c / (blocks * 2), first = (c % (blocks * 2)) * CHUNK;
-    const float* chunk = xp + row * K + first;
-    float inverse, scale = chunk_scale(chunk, X8_LEVELS, inverse);
+    int8_t* half = q + (c / 2) * 64 + (c % 2) * 16;  // its block's even columns, then odd
+    int32_t half_sums[2];
+    float scale = int8_chunk(xp + row * K + first, half, half + 32, groups ? half_sums : nullptr);
     std::fill(s + c * 4, s + c * 4 + 4, scale * factor);
-    int8_t* block = q + (c / 2) * 64;
-    float* group_sum = groups ? sums + row * groups + first / group : nullptr;
-    int64_t group_end = groups ? (first / group + 1) * group : 0;  // no division a column
-    for (int64_t i = 0; i < CHUNK; ++i) {
-      int64_t k = (c % 2) * CHUNK + i;  // the column in its block
-      auto code = static_cast<int8_t>(fixed_point_code(chunk[i], inverse));
-      block[(k & 1) * 32 + k / 2] = code;
-      if (!group_sum) continue;
-      if (first + i == group_end) {
-        ++group_sum;
-        group_end += group;
-      }
-      *group_sum += code * scale;
-    }
+    for (int h = 0; groups && h < 2; ++h)  // groups are multiples of 16 columns
+      sums[row * groups + (first + 16 * h) / group] += static_cast<float>(half_sums[h]) * scale;
   }
   for (int64_t row = 0; groups && row < M; ++row)
     for (int64_t k = blocks * 64; k < K; ++k) sums[row * groups + k / group] += xp[row * K + k];
