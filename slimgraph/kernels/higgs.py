@@ -129,7 +129,7 @@ def linear_higgs(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sig
     """``rotate_groups(x) @ (grid[codes] * scales).T + bias``; native rotation + lookup-table GEMV on CPU."""
     kernels = native.for_input(x)
     if kernels is not None:
-        rotated = kernels.hadamard_rotate(x.contiguous(), signs.float())
+        rotated = kernels.hadamard_rotate(x.contiguous(), signs)
         if p == 1 and bits == 4:
             return kernels.lut4_linear(rotated, codes, _lookup_table(bits, p, 16).flatten(), scales, bias, group_size)
         return kernels.lut8_linear(rotated, unpack_bits(codes, bits * p), _lookup_table(bits, p, 256), scales,

@@ -219,7 +219,7 @@ def lut8_linear(
 def hadamard_rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``H_g (signs * x_group) / sqrt(g)`` for each group of ``g = signs.numel()`` entries.
 
-    ``signs`` float32 ``[g]`` of ±1, ``g`` a power of two from 2 to 4096 dividing
+    ``signs`` float32 or int8 ``[g]`` of ±1, ``g`` a power of two from 2 to 4096 dividing
     ``x.shape[-1]``; ``H_g`` is the Sylvester-ordered Walsh–Hadamard matrix. Equals
     :func:`slimgraph.kernels.hadamard.rotate` on ``x.reshape(-1, g)`` (bit for bit:
     same butterflies in the same order) in a few microseconds for a 2048-wide row.

@@ -425,11 +425,12 @@ def test_lut8_e4m3_decodes_every_code_exactly(kernels, rows):
 
 @pytest.mark.parametrize("group_size", [2, 4, 8, 16, 64, 1024, 4096])
 @pytest.mark.parametrize("batch_shape", [(1,), (3,), (2, 5)])
-def test_hadamard_rotate_matches_reference_bit_for_bit(kernels, group_size, batch_shape):
+@pytest.mark.parametrize("signs_dtype", [torch.float32, torch.int8])  # HIGGS stores int8
+def test_hadamard_rotate_matches_reference_bit_for_bit(kernels, group_size, batch_shape, signs_dtype):
     """Three groups a row: for g = 2 and 4 the rows are not whole vectors (the scalar tail)."""
     x = torch.randn(*batch_shape, 3 * group_size)
     signs = hadamard.random_signs(group_size, seed=group_size)
-    got = kernels.hadamard_rotate(x, signs)
+    got = kernels.hadamard_rotate(x, signs.to(signs_dtype))
     torch.testing.assert_close(got, reference_rotate(x, signs), rtol=0, atol=0)
 
 
@@ -604,7 +605,7 @@ def bad_inputs():
         ("hadamard-x", lambda m: m.hadamard_rotate(torch.randn(2, 24), signs),
          r"hadamard_rotate: x has last dim 24, which is not a multiple of the group size g=16"),
         ("hadamard-signs", lambda m: m.hadamard_rotate(x, signs.double()),
-         r"hadamard_rotate: signs must be a 1-D float32 \[g\] tensor"),
+         r"hadamard_rotate: signs must be a 1-D float32 or int8 \[g\] tensor of \+-1, got Double"),
         ("hadamard-x-dtype", lambda m: m.hadamard_rotate(x.half(), signs),
          r"hadamard_rotate: x must be float32, got Half"),
         ("w8a8-qweight", lambda m: m.int8_dynamic_linear(x, qweight.float(), weight_scales, None),

@@ -82,13 +82,16 @@ void scale_in_place(float* y, int64_t n, float factor) {
 
 }  // namespace
 
-// x: float32 [..., K]; signs: float32 [g], g a power of two in [2, 4096] dividing K.
-// Each group of g entries becomes H_g (signs * x_group) / sqrt(g), H_g Sylvester-ordered.
+// x: float32 [..., K]; signs: float32 or int8 [g] (HIGGS stores int8; widened here, where
+// signs.float() cost an op dispatch, ~5 µs a call), g a power of two in [2, 4096]
+// dividing K. Each group of g entries becomes H_g (signs * x_group) / sqrt(g), H_g
+// Sylvester-ordered.
 at::Tensor hadamard_rotate(const at::Tensor& x_in, const at::Tensor& signs_in) {
   const char* op = "slimgraph hadamard_rotate";
-  TORCH_CHECK(signs_in.scalar_type() == at::kFloat && signs_in.dim() == 1, op,
-              ": signs must be a 1-D float32 [g] tensor of +-1, got ", signs_in.scalar_type(),
-              " ", signs_in.sizes(), ".");
+  TORCH_CHECK((signs_in.scalar_type() == at::kFloat || signs_in.scalar_type() == at::kChar) &&
+                  signs_in.dim() == 1,
+              op, ": signs must be a 1-D float32 or int8 [g] tensor of +-1, got ",
+              signs_in.scalar_type(), " ", signs_in.sizes(), ".");
   int64_t g = signs_in.size(0);
   TORCH_CHECK(g >= 2 && g <= 4096 && (g & (g - 1)) == 0, op, ": the group size g=", g,
               " (signs.numel()) must be a power of two from 2 to 4096.");
@@ -98,9 +101,14 @@ at::Tensor hadamard_rotate(const at::Tensor& x_in, const at::Tensor& signs_in) {
               x_in.dim() ? x_in.size(-1) : 0, ", which is not a multiple of the group size g=",
               g, ".");
   at::Tensor x = x_in.detach().contiguous(), signs = signs_in.contiguous();
+  std::vector<float> widened;
+  if (signs.scalar_type() == at::kChar) {
+    const int8_t* narrow = signs.data_ptr<int8_t>();
+    widened.assign(narrow, narrow + g);
+  }
   at::Tensor y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
-  const float* sp = signs.data_ptr<float>();
+  const float* sp = widened.empty() ? signs.data_ptr<float>() : widened.data();
   float* yp = y.data_ptr<float>();
   int64_t n = x.numel();
   int64_t per_chunk = std::max<int64_t>(1, 4096 / g);  // groups per task: ~16 KB, in L1

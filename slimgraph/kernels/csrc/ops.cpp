@@ -79,7 +79,7 @@ c10::optional<at::Tensor> linear_fp8_fast(Args a, const Tables& tables) {
 c10::optional<at::Tensor> linear_higgs_fast(Args a, const Tables& tables) {
   int64_t bits = a[6].toInt(), p = a[7].toInt();
   if (bits != 4 || (p != 1 && p != 2)) return c10::nullopt;
-  at::Tensor rotated = hadamard_rotate(a[0].toTensor(), a[3].toTensor().to(at::kFloat));
+  at::Tensor rotated = hadamard_rotate(a[0].toTensor(), a[3].toTensor());
   auto linear = p == 1 ? lut4_linear : lut8_linear;
   return linear(rotated, a[1].toTensor(), tables[p - 1], a[2].toTensor(),
                 a[4].toOptional<at::Tensor>(), a[5].toInt());
