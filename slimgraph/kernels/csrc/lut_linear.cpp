@@ -112,11 +112,12 @@ inline float int8_chunk(const float* chunk, int8_t* even, int8_t* odd, int32_t* 
   __m128 top = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
   top = _mm_max_ps(top, _mm_movehl_ps(top, top));
   float top_value = _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
-  if (_mm256_movemask_ps(finite) != 0xFF || top_value == 0.f) {
+  bool all_finite = _mm256_movemask_ps(finite) == 0xFF;
+  if (!all_finite || top_value == 0.f) {
     std::memset(even, 0, 16);
     std::memset(odd, 0, 16);
     if (half_sums) half_sums[0] = half_sums[1] = 0;
-    return top_value == 0.f && _mm256_movemask_ps(finite) == 0xFF ? 0.f : std::numeric_limits<float>::quiet_NaN();
+    return all_finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
   }
   __m256 inverse = _mm256_set1_ps(X8_LEVELS / top_value);
   __m256i codes[4];
